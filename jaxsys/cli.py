@@ -1,0 +1,184 @@
+"""The `jaxsys` command line: train, generate, mesh show.
+
+Arguments are parsed before JAX is imported, so a command that needs N devices
+can set the simulated CPU device count first. Results go to stdout (`--json`
+prints exactly one line); progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jaxsys.loading import describe_model_arg
+
+
+def _add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help=f"{describe_model_arg()}" + (f" (default: {default})" if default else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxsys", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a mesh (embedded corpus by default)")
+    _add_model(t, "small")
+    t.add_argument("--data", default="corpus",
+                   help="'corpus' (embedded arithmetic word problems), a .txt or a .jsonl file")
+    t.add_argument("--mesh", default="cpu8", help="topology preset name or TOML path (default: cpu8)")
+    t.add_argument("--strategy", default="fsdp", help="ddp | fsdp (default: fsdp)")
+    t.add_argument("--tensor-parallel", default=None, metavar="LEVEL",
+                   help="mesh level that splits attention heads and the MLP")
+    t.add_argument("--steps", type=int, default=100, help="total optimizer steps of the run")
+    t.add_argument("--batch-size", type=int, default=8, help="global sequences per step")
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=int, default=10, help="warmup steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: runs/<model>)")
+    t.add_argument("--ckpt-every", type=int, default=50)
+    t.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    t.add_argument("--json", action="store_true", help="print one line of JSON with the results")
+
+    g = sub.add_parser("generate", help="generate tokens from a model")
+    _add_model(g)
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a model with a tokenizer; BOS added)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, used verbatim (no BOS added)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--json", action="store_true", help="print one line of JSON on stdout")
+
+    m = sub.add_parser("mesh", help="topology presets and meshes")
+    msub = m.add_subparsers(dest="mesh_command", required=True)
+    show = msub.add_parser("show", help="print a topology's levels and device grid")
+    show.add_argument("mesh", help="topology preset name or TOML path")
+    msub.add_parser("list", help="list topology presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src.xla_bridge", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh}[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"jaxsys {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_mesh(args) -> int:
+    import meshes
+    if args.mesh_command == "list":
+        print("\n".join(meshes.list_presets()))
+        return 0
+    print(meshes.describe(meshes.load_topology(args.mesh)))
+    return 0
+
+
+def cmd_train(args) -> int:
+    import meshes
+    topology = meshes.load_topology(args.mesh)
+    meshes.ensure_host_device_count(topology.num_devices)  # before JAX starts
+
+    from jaxsys.data import TokenDataset, load_documents
+    from jaxsys.loading import load_model, resolve_config
+    from jaxsys.train import TrainConfig, train
+
+    config, kind = resolve_config(args.model)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                     grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
+                     seed=args.seed, strategy=args.strategy, tensor_parallel=args.tensor_parallel,
+                     log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last)
+    mesh = meshes.build_mesh(topology)
+    loaded = load_model(args.model) if kind != "preset" and not args.resume else None
+    tokenizer = loaded.tokenizer if loaded else _tokenizer(config, args.model)
+    if tokenizer is None:
+        raise ValueError(f"model {args.model} has no tokenizer, so text data cannot be encoded; "
+                         "use a model folder with tokenizer.json or a preset trained with the byte tokenizer")
+    docs = load_documents(args.data, seed=args.seed)
+    data = TokenDataset.from_documents(docs, tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                       seed=tc.seed)
+    ckpt_dir = Path(args.ckpt_dir or f"runs/{Path(args.model).name}")
+    result = train(config, tc, mesh, data, ckpt_dir=ckpt_dir, resume=args.resume,
+                   init_params=loaded.params if loaded else None,
+                   meta={"data": args.data, "strategy": args.strategy, "topology": topology.name})
+    summary = {"first_loss": result.losses[0] if result.losses else None,
+               "last_loss": result.losses[-1] if result.losses else None,
+               "start_step": result.start_step, "end_step": result.end_step,
+               "tokens_per_s": result.tokens_per_s, "ckpt_dir": str(result.ckpt_dir),
+               "stopped_by_signal": result.stopped_by_signal}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"trained steps {result.start_step}->{result.end_step}: loss {summary['first_loss']:.4f} -> "
+              f"{summary['last_loss']:.4f}, {result.tokens_per_s:,.0f} tokens/s; checkpoints in {ckpt_dir}")
+    return 0
+
+
+def _tokenizer(config, spec: str):
+    from jaxsys.loading import tokenizer_for
+    path = Path(spec)
+    return tokenizer_for(config, path if path.is_dir() else None)
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty; give at least one token id")
+    return ids
+
+
+def cmd_generate(args) -> int:
+    from jaxsys.generate import Generator, SamplingConfig
+    from jaxsys.loading import load_model
+    from jaxsys.model import ModelDef
+
+    loaded = load_model(args.model)
+    config = loaded.config
+    if args.prompt is not None:
+        if loaded.tokenizer is None:
+            raise ValueError(f"model {args.model} has no tokenizer, so --prompt text cannot be encoded; "
+                             "pass token ids with --prompt-ids 1,2,3")
+        prompt_ids = loaded.tokenizer.encode(args.prompt, add_bos=True)
+    else:
+        prompt_ids = parse_prompt_ids(args.prompt_ids)
+    model = ModelDef(config)
+    params = loaded.params if loaded.params is not None else model.init(args.seed)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    eos_ids = tuple(getattr(loaded.tokenizer, "eos_ids", ()) or config.eos_ids)
+    generator = Generator(model, params, max_len=len(prompt_ids) + args.max_new_tokens)
+    out = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                             eos_ids=eos_ids, ignore_eos=args.ignore_eos)
+    text = loaded.tokenizer.decode(out.token_ids) if loaded.tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"token_ids": out.token_ids, "text": text, "decode_tok_per_s": out.decode_tok_per_s,
+                          "prefill_s": out.prefill_s, "stopped_by": out.stopped_by,
+                          "prompt_tokens": len(prompt_ids)}))
+    else:
+        print(text if text is not None else ",".join(map(str, out.token_ids)))
+        print(f"[{len(out.token_ids)} tokens, {out.decode_tok_per_s:.1f} tok/s, stopped by {out.stopped_by}]",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

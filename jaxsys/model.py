@@ -1,0 +1,229 @@
+"""The Llama family in Flax NNX.
+
+Numerically this follows Hugging Face `LlamaForCausalLM` (RMSNorm computed in
+float32, RoPE in the rotate-half layout with optional Llama-3 frequency scaling,
+grouped-query attention with softmax in float32, SwiGLU), so Hugging Face
+weights load without permutation. What differs: weights are stored as
+`[in, out]` (and attention projections as `[embed, heads, head_dim]`) and carry
+logical axis names in their `logical_axes` metadata, which the sharding rules
+map onto mesh levels; and the forward pass is functional in its KV cache
+(`model(tokens, positions, cache) -> (logits, cache)`), so jitted decode steps
+can donate it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsys.config import ModelConfig
+from jaxsys.sharding import constrain
+
+INIT_STD = 0.02
+
+
+class LayerCache(NamedTuple):
+    k: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [batch, max_len, kv_heads, head_dim]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple[LayerCache, ...]:
+    dtype = dtype or config.dtype
+    shape = (batch, max_len, config.n_kv_heads, config.resolved_head_dim)
+    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers))
+
+
+def _param(rngs: nnx.Rngs, shape, logical_axes, dtype, std=INIT_STD) -> nnx.Param:
+    value = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], float32, as Hugging Face computes them."""
+    hd = config.resolved_head_dim
+    exponents = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama-3: keep high frequencies, divide low ones by `factor`, blend between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, hd, pd = config.dim, config.resolved_head_dim, config.param_dtype
+        self.config = config
+        self.q = _param(rngs, (d, config.n_heads, hd), ("embed", "heads", "head_dim"), pd)
+        self.k = _param(rngs, (d, config.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = _param(rngs, (d, config.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = _param(rngs, (config.n_heads, hd, d), ("heads", "head_dim", "embed"), pd)
+
+    def __call__(self, x, positions, inv_freq, cache: LayerCache | None):
+        c, dt = self.config, x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+        if cache is None:
+            k_pos = positions  # [B, S]
+        else:
+            # Write the new keys/values at their positions (each sequence's chunk
+            # is contiguous), then attend over the whole cache.
+            start = positions[:, 0]
+            write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))
+            cache = LayerCache(write(cache.k, k.astype(cache.k.dtype), start),
+                               write(cache.v, v.astype(cache.v.dtype), start))
+            k, v = cache.k.astype(dt), cache.v.astype(dt)
+            k_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), (x.shape[0], k.shape[1]))
+
+        groups = c.n_heads // c.n_kv_heads
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, c.n_kv_heads, groups, -1)  # [B, T, kvH, G, hd]
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+        scores = scores / math.sqrt(c.resolved_head_dim)
+        causal = k_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, -1)
+        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pd = config.dim, config.ffn_dim, config.param_dtype
+        self.gate = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x):
+        dt = x.dtype
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, cache):
+        h, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "act_seq", "act_embed")), cache
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = _param(rngs, (config.vocab_size, config.dim), ("vocab", "embed"), config.param_dtype)
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
+        if not config.tie_embeddings:
+            self.lm_head = _param(rngs, (config.dim, config.vocab_size), ("embed", "vocab"),
+                                  config.param_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: tuple[LayerCache, ...] | None = None):
+        """tokens, positions: [batch, seq] -> (logits [batch, seq, vocab] f32, cache)."""
+        c = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        inv_freq = jnp.asarray(rope_frequencies(c))
+        x = self.embed[...].astype(c.dtype)[tokens]
+        x = constrain(x, ("batch", "act_seq", "act_embed"))
+
+        def run_block(block, x, cache):
+            return block(x, positions, inv_freq, cache)
+
+        if c.remat and cache is None:
+            run_block = nnx.remat(run_block)
+        new_cache = []
+        for i, block in enumerate(self.layers):
+            x, layer_cache = run_block(block, x, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        x = self.norm(x)
+        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+        logits = (x @ head.astype(c.dtype)).astype(jnp.float32)
+        return logits, (None if cache is None else tuple(new_cache))
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> Llama:
+    return Llama(config, rngs=nnx.Rngs(params=seed))
+
+
+class ModelDef:
+    """The model as pure functions over a params pytree (nested dicts of arrays).
+
+    Training, checkpoints and Hugging Face interchange work on that plain
+    pytree; `apply` merges it into the NNX graph inside the traced function, so
+    nothing is mutated and jit sees only arrays.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        abstract = nnx.eval_shape(lambda: create_model(config))
+        self.graphdef, self._template = nnx.split(abstract, nnx.Param)
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        # Same structure as params, a tuple of logical axis names per leaf.
+        self.logical_axes = nnx.to_pure_dict(
+            jax.tree.map(lambda v: v.get_metadata()["logical_axes"], self._template, is_leaf=is_var))
+        self.shapes = nnx.to_pure_dict(self._template)  # ShapeDtypeStructs
+
+    def init(self, seed: int = 0) -> dict:
+        return nnx.to_pure_dict(nnx.split(create_model(self.config, seed), nnx.Param)[1])
+
+    def merge(self, params: dict) -> Llama:
+        state = jax.tree.map(lambda x: x, self._template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def apply(self, params: dict, tokens, positions=None, cache=None):
+        return self.merge(params)(tokens, positions, cache)
+
+    def param_specs(self, rules) -> dict:
+        """PartitionSpecs of the params under sharding rules."""
+        return jax.tree.map(lambda axes, s: rules.spec(axes, s.shape), self.logical_axes, self.shapes,
+                            is_leaf=lambda x: isinstance(x, tuple))
+
+    def param_shardings(self, rules) -> dict:
+        return jax.tree.map(lambda spec: jax.sharding.NamedSharding(rules.mesh, spec),
+                            self.param_specs(rules), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

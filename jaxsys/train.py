@@ -1,0 +1,292 @@
+"""Sharded training: a jitted train step over any mesh and strategy, and the loop around it.
+
+The step is a pure function of (state, batch) -> (state, metrics) with state =
+{"params", "opt_state"}; the shardings of both come from the strategy's logical
+axis rules (`jaxsys.sharding`), and XLA's SPMD partitioner inserts the
+collectives. The loop adds what a long run needs: AdamW with warmup + cosine
+decay, gradient clipping and accumulation, orbax checkpoints with exact resume
+(the data order is a pure function of the step), a JSONL metrics log and a loss
+curve, a stop on a non-finite loss that keeps the last good checkpoint, and a
+clean checkpoint-and-exit on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsys.checkpoint import Checkpointer, abstract_tree
+from jaxsys.config import ModelConfig
+from jaxsys.model import ModelDef
+from jaxsys.sharding import ShardingRules, make_rules, use_rules
+
+log = logging.getLogger("jaxsys.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global sequences per optimizer step
+    seq_len: int = 128
+    grad_accum: int = 1  # microbatches per step (batch_size must divide)
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    strategy: str = "fsdp"
+    tensor_parallel: str | None = None  # mesh level for heads / mlp
+    log_every: int = 10
+    ckpt_every: int = 50
+    keep_last: int = 3
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 1 or self.grad_accum < 1:
+            raise ValueError(f"steps, batch_size, seq_len and grad_accum must be positive: {self}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; the message says why and where the last good checkpoint is."""
+
+
+class Batches(Protocol):
+    def batch(self, step: int) -> np.ndarray: ...  # [batch_size, seq_len + 1] int32
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731 - no decay on norms
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+def next_token_loss(model: ModelDef, params, batch: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]."""
+    logits, _ = model.apply(params, batch[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+
+class Trainer:
+    """Builds the sharded state and the jitted step for one model, strategy and mesh."""
+
+    def __init__(self, model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh,
+                 loss_fn: Callable = next_token_loss):
+        self.config, self.tc, self.mesh = model_config, tc, mesh
+        self.model = ModelDef(model_config)
+        self.rules: ShardingRules = make_rules(tc.strategy, mesh, tensor_parallel=tc.tensor_parallel)
+        self.tx = make_optimizer(tc)
+        self.loss_fn = loss_fn
+        self.param_shardings = self.model.param_shardings(self.rules)
+        abstract_opt = jax.eval_shape(self.tx.init, self.model.shapes)
+        self.opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, sh: sh, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: NamedSharding(mesh, P()),
+            is_leaf=lambda x: isinstance(x, NamedSharding))
+        self.abstract_opt = abstract_opt
+        self.batch_sharding = self.rules.sharding(("batch", None), (tc.batch_size, tc.seq_len + 1))
+        state_sh = {"params": self.param_shardings, "opt_state": self.opt_shardings}
+        self.step_fn = jax.jit(self._step, in_shardings=(state_sh, self.batch_sharding),
+                               out_shardings=(state_sh, None), donate_argnums=0)
+        self.grads_fn = jax.jit(self.loss_and_grads, in_shardings=(self.param_shardings, self.batch_sharding),
+                                out_shardings=(None, self.param_shardings))
+
+    def init_state(self, params=None) -> dict:
+        if params is None:
+            seed = self.tc.seed
+            params = jax.jit(lambda: self.model.init(seed), out_shardings=self.param_shardings)()
+        else:
+            params = jax.device_put(params, self.param_shardings)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+        return {"params": params, "opt_state": opt_state}
+
+    def put_batch(self, batch: np.ndarray) -> jax.Array:
+        """A global batch onto the mesh; every process holds the same host batch."""
+        batch = np.asarray(batch, np.int32)
+        return jax.make_array_from_callback(batch.shape, self.batch_sharding, lambda idx: batch[idx])
+
+    def loss_and_grads(self, params, batch):
+        """Loss and gradients (before the optimizer), averaged over microbatches."""
+        with use_rules(self.rules):
+            grad_fn = jax.value_and_grad(lambda p, b: self.loss_fn(self.model, p, b))
+            if self.tc.grad_accum == 1:
+                return grad_fn(params, batch)
+            micro = batch.reshape(self.tc.grad_accum, -1, batch.shape[-1])
+
+            def accumulate(carry, mb):
+                loss, grads = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            return jax.tree.map(lambda x: x / self.tc.grad_accum, (loss, grads))
+
+    def _step(self, state, batch):
+        loss, grads = self.loss_and_grads(state["params"], batch)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite loss or gradient leaves the state as it was, so the run
+        # can stop with its last good state and checkpoint intact.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = {"params": jax.tree.map(keep, params, state["params"]),
+                     "opt_state": jax.tree.map(keep, opt_state, state["opt_state"])}
+        return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+    def restore(self, ckpt: Checkpointer, step: int) -> dict:
+        params, opt_state = ckpt.restore(
+            step, abstract_tree(self.model.shapes, self.param_shardings),
+            abstract_tree(self.abstract_opt, self.opt_shardings))
+        return {"params": params, "opt_state": opt_state}
+
+    def meta(self, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"step": step, "model": self.config.to_dict(), "train": dataclasses.asdict(self.tc),
+                "mesh": dict(self.mesh.shape), **extra}
+
+
+@dataclass
+class TrainResult:
+    state: dict
+    losses: list[float]
+    start_step: int
+    end_step: int
+    stopped_by_signal: bool
+    tokens_per_s: float
+    ckpt_dir: Path | None
+
+
+def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, data: Batches, *,
+          ckpt_dir: str | Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
+          init_params=None, stop_after: int | None = None,
+          loss_fn: Callable = next_token_loss) -> TrainResult:
+    """Trains to `tc.steps`, checkpointing into `ckpt_dir`; resumes from its latest step if asked.
+
+    `init_params` starts from given weights (fine-tuning) instead of the seed;
+    `stop_after` ends this run after that many steps (with a checkpoint), as a
+    stop-and-resume would, without changing the schedule of the whole run.
+    """
+    trainer = Trainer(model_config, tc, mesh, loss_fn)
+    ckpt = Checkpointer(ckpt_dir, keep_last=tc.keep_last) if ckpt_dir is not None else None
+    run_dir = ckpt.directory if ckpt else None
+    start = 0
+    latest = ckpt.latest_step() if ckpt else None
+    if latest is not None and not resume:
+        raise TrainingError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); "
+                            "pass --resume to continue that run, or pick an empty --ckpt-dir")
+    if resume and latest is not None:
+        saved = ckpt.read_meta(latest)
+        if ModelConfig.from_dict(saved["model"]) != model_config:
+            raise TrainingError(f"checkpoint {ckpt.directory}/{latest} was trained with another model "
+                                f"config ({saved.get('model')}); resume with --model {ckpt.directory}, "
+                                "or pick an empty --ckpt-dir")
+        state, start = trainer.restore(ckpt, latest), latest
+        log.info("resumed from %s step %d", ckpt.directory, latest)
+    else:
+        state = trainer.init_state(init_params)
+
+    stop = {"signal": None}
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        stop["signal"] = signum
+
+    in_main_thread = _is_main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if run_dir else None
+    losses: list[float] = []
+    saved_step = latest
+    step = start
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    t_start, tokens = None, 0
+    try:
+        while step < end:
+            batch = trainer.put_batch(data.batch(step))
+            state, metrics = trainer.step_fn(state, batch)
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if t_start is None:  # the first step includes compilation; time the rest
+                t_start = time.perf_counter()
+            else:
+                tokens += tc.batch_size * tc.seq_len
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                if ckpt:
+                    ckpt.wait()
+                where = f"step {saved_step} in {ckpt.directory}" if saved_step is not None else "none saved"
+                raise TrainingError(f"loss became {loss} (grad norm {grad_norm}) at step {step}; stopped "
+                                    f"without saving it; last good checkpoint: {where}. Lower the "
+                                    "learning rate or check the data, then resume")
+            step += 1
+            losses.append(loss)
+            if metrics_file:
+                metrics_file.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm,
+                                               "time": time.time()}) + "\n")
+                metrics_file.flush()
+            if step % tc.log_every == 0 or step == tc.steps:
+                log.info("step %d/%d loss %.4f grad_norm %.3f", step, tc.steps, loss, grad_norm)
+            if ckpt and (step % tc.ckpt_every == 0 or step == end or stop["signal"]):
+                ckpt.save(step, state["params"], state["opt_state"], trainer.meta(step, meta or {}))
+                saved_step = step
+            if stop["signal"]:
+                log.warning("SIGTERM: saved step %d, exiting", step)
+                break
+        if ckpt:
+            ckpt.wait()
+    finally:
+        if metrics_file:
+            metrics_file.close()
+        if ckpt:
+            ckpt.close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    elapsed = time.perf_counter() - t_start if t_start else 0.0
+    if run_dir:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    return TrainResult(state=state, losses=losses, start_step=start, end_step=step,
+                       stopped_by_signal=stop["signal"] is not None,
+                       tokens_per_s=tokens / elapsed if elapsed > 0 else float("nan"), ckpt_dir=run_dir)
+
+
+def _is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Loss curve from the JSONL metrics log (all runs appended to it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("jaxsys training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
