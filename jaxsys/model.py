@@ -208,8 +208,13 @@ class ModelDef:
             jax.tree.map(lambda v: v.get_metadata()["logical_axes"], self._template, is_leaf=is_var))
         self.shapes = nnx.to_pure_dict(self._template)  # ShapeDtypeStructs
 
-    def init(self, seed: int = 0) -> dict:
-        return nnx.to_pure_dict(nnx.split(create_model(self.config, seed), nnx.Param)[1])
+    def init(self, seed: int = 0, shardings=None) -> dict:
+        """Random parameters for `seed`, created in one compiled program (placed on `shardings`).
+
+        Always jitted: eager initialization is slow, and draws other values for the same seed.
+        """
+        make = lambda: nnx.to_pure_dict(nnx.split(create_model(self.config, seed), nnx.Param)[1])  # noqa: E731
+        return jax.jit(make, out_shardings=shardings)()
 
     def merge(self, params: dict) -> Llama:
         state = jax.tree.map(lambda x: x, self._template)

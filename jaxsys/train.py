@@ -113,8 +113,7 @@ class Trainer:
 
     def init_state(self, params=None) -> dict:
         if params is None:
-            seed = self.tc.seed
-            params = jax.jit(lambda: self.model.init(seed), out_shardings=self.param_shardings)()
+            params = self.model.init(self.tc.seed, self.param_shardings)
         else:
             params = jax.device_put(params, self.param_shardings)
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)

@@ -1,0 +1,102 @@
+"""The `jaxsys` command line, run as a user runs it (fresh processes, no XLA_FLAGS set)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def jaxsys(*args, check=True, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "jaxsys.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"jaxsys {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for 4 steps on cpu8 by the CLI, then resumed to 6."""
+    ckpt = tmp_path_factory.mktemp("cli") / "ckpt"
+    common = ["train", "--model", "tiny", "--mesh", "cpu8", "--batch-size", 8, "--seq-len", 32,
+              "--ckpt-dir", ckpt, "--ckpt-every", 2, "--json"]
+    first = json.loads(jaxsys(*common, "--steps", 4).stdout.strip().splitlines()[-1])
+    second = json.loads(jaxsys(*common, "--steps", 6, "--resume").stdout.strip().splitlines()[-1])
+    return ckpt, first, second
+
+
+def test_train_and_resume_from_the_cli(trained):
+    ckpt, first, second = trained
+    assert (first["start_step"], first["end_step"]) == (0, 4)
+    assert (second["start_step"], second["end_step"]) == (4, 6)
+    assert np.isfinite([first["first_loss"], first["last_loss"], second["last_loss"]]).all()
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["2", "4", "6"]
+    assert (ckpt / "loss.png").exists() and len((ckpt / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_generate_json_is_one_line_and_matches_the_library(trained):
+    ckpt, _, _ = trained
+    proc = jaxsys("generate", "--model", ckpt, "--prompt-ids", "257,81,117", "--max-new-tokens", 6,
+                  "--ignore-eos", "--json")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    out = json.loads(lines[0])
+    assert len(out["token_ids"]) == 6 and out["decode_tok_per_s"] > 0
+
+    from jaxsys.generate import Generator
+    from jaxsys.loading import load_model
+    from jaxsys.model import ModelDef
+    loaded = load_model(str(ckpt))
+    expected = Generator(ModelDef(loaded.config), loaded.params, max_len=16).generate(
+        [257, 81, 117], max_new_tokens=6, ignore_eos=True).token_ids
+    assert out["token_ids"] == expected  # prompt ids verbatim: no BOS added
+
+
+def test_generate_text_prompt_with_byte_tokenizer(trained):
+    ckpt, _, _ = trained
+    out = json.loads(jaxsys("generate", "--model", ckpt, "--prompt", "Question:", "--max-new-tokens", 4,
+                            "--temperature", 0.8, "--top-p", 0.9, "--seed", 3, "--json").stdout)
+    assert 1 <= len(out["token_ids"]) <= 4 and isinstance(out["text"], str)
+
+
+def test_text_prompt_without_tokenizer_is_refused(tmp_path):
+    from jaxsys.config import get_preset
+    from jaxsys.hf import export_hf
+    from jaxsys.model import ModelDef
+    config = dataclasses.replace(get_preset("tiny"), tokenizer=None)
+    export_hf(tmp_path / "hf", config, ModelDef(config).init(0))
+    proc = jaxsys("generate", "--model", tmp_path / "hf", "--prompt", "hello", check=False)
+    assert proc.returncode == 1 and "has no tokenizer" in proc.stderr and "--prompt-ids" in proc.stderr
+    ok = json.loads(jaxsys("generate", "--model", tmp_path / "hf", "--prompt-ids", "1,2", "--max-new-tokens", 3,
+                           "--ignore-eos", "--json").stdout)
+    assert len(ok["token_ids"]) == 3
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = jaxsys("train", "--model", "tiny", "--data", empty, "--steps", 1, "--ckpt-dir", tmp_path / "c",
+                  check=False)
+    assert proc.returncode == 1 and "empty" in proc.stderr
+    assert not (tmp_path / "c").exists() or not any(p.name.isdigit() for p in (tmp_path / "c").iterdir())
+    proc = jaxsys("generate", "--model", tmp_path / "missing", "--prompt-ids", "1", check=False)
+    assert proc.returncode == 1 and "neither a preset nor an existing path" in proc.stderr
+    proc = jaxsys("train", "--mesh", "no-such-preset", check=False)
+    assert proc.returncode == 1 and "cpu8" in proc.stderr  # lists the presets
+
+
+def test_mesh_show_and_help():
+    out = jaxsys("mesh", "show", "cpu8").stdout
+    for word in ("gcd", "gpu", "node", "8"):
+        assert word in out
+    assert "384" in jaxsys("mesh", "show", "frontier").stdout
+    for command in (["train"], ["generate"], ["mesh", "show"]):
+        assert "usage" in jaxsys(*command, "--help").stdout
