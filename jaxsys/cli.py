@@ -21,6 +21,20 @@ def _add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
                    help=f"{describe_model_arg()}" + (f" (default: {default})" if default else ""))
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU); parameters keep theirs")
+
+
+def _with_dtype(config, choice: str):
+    import dataclasses
+
+    import jax
+    from jaxsys.config import default_compute_dtype
+    dtype = default_compute_dtype(jax.default_backend()) if choice == "auto" else choice
+    return dataclasses.replace(config, dtype=dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxsys", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -46,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    t.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
+    _add_dtype(t)
     t.add_argument("--json", action="store_true", help="print one line of JSON with the results")
 
     g = sub.add_parser("generate", help="generate tokens from a model")
@@ -59,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    _add_dtype(g)
     g.add_argument("--json", action="store_true", help="print one line of JSON on stdout")
 
     m = sub.add_parser("mesh", help="topology presets and meshes")
@@ -96,11 +113,14 @@ def cmd_train(args) -> int:
     topology = meshes.load_topology(args.mesh)
     meshes.ensure_host_device_count(topology.num_devices)  # before JAX starts
 
+    import dataclasses
+
     from jaxsys.data import TokenDataset, load_documents
     from jaxsys.loading import load_model, resolve_config
     from jaxsys.train import TrainConfig, train
 
     config, kind = resolve_config(args.model)
+    config = dataclasses.replace(_with_dtype(config, args.dtype), remat=args.remat or config.remat)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
                      seed=args.seed, strategy=args.strategy, tensor_parallel=args.tensor_parallel,
@@ -153,7 +173,7 @@ def cmd_generate(args) -> int:
     from jaxsys.model import ModelDef
 
     loaded = load_model(args.model)
-    config = loaded.config
+    config = _with_dtype(loaded.config, args.dtype)
     if args.prompt is not None:
         if loaded.tokenizer is None:
             raise ValueError(f"model {args.model} has no tokenizer, so --prompt text cannot be encoded; "

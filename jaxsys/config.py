@@ -75,6 +75,11 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * block + embed + d
 
+    def same_weights(self, other: "ModelConfig") -> bool:
+        """Equal up to runtime choices (compute dtype, remat): the same checkpoint fits both."""
+        runtime = {"dtype": "float32", "remat": False}
+        return replace(self, **runtime) == replace(other, **runtime)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -120,6 +125,11 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=2048, dtype="bfloat16",
     ),
 }
+
+
+def default_compute_dtype(backend: str) -> str:
+    """The dtype policy: bfloat16 matmuls on accelerators, float32 on CPU (and in tests)."""
+    return "float32" if backend == "cpu" else "bfloat16"
 
 
 def get_preset(name: str) -> ModelConfig:

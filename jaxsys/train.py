@@ -142,7 +142,7 @@ class Trainer:
 
     def _step(self, state, batch):
         loss, grads = self.loss_and_grads(state["params"], batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # A non-finite loss or gradient leaves the state as it was, so the run
@@ -195,7 +195,7 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
                             "pass --resume to continue that run, or pick an empty --ckpt-dir")
     if resume and latest is not None:
         saved = ckpt.read_meta(latest)
-        if ModelConfig.from_dict(saved["model"]) != model_config:
+        if not ModelConfig.from_dict(saved["model"]).same_weights(model_config):
             raise TrainingError(f"checkpoint {ckpt.directory}/{latest} was trained with another model "
                                 f"config ({saved.get('model')}); resume with --model {ckpt.directory}, "
                                 "or pick an empty --ckpt-dir")

@@ -96,7 +96,9 @@ def test_gradient_accumulation_matches_full_batch(one_device, reference):
 
 
 def test_stop_and_resume_equals_straight_run(cpu8, tmp_path):
-    straight = train(TINY, TC, cpu8, RandomBatches(), ckpt_dir=tmp_path / "straight")
+    keep_two = TrainConfig(**{**TC.__dict__, "keep_last": 2})  # checkpoints at 2, 4, 6: keeps 4 and 6
+    straight = train(TINY, keep_two, cpu8, RandomBatches(), ckpt_dir=tmp_path / "straight")
+    assert Checkpointer(tmp_path / "straight").all_steps() == [4, 6]
     first = train(TINY, TC, cpu8, RandomBatches(), ckpt_dir=tmp_path / "resumed", stop_after=3)
     assert first.end_step == 3 and Checkpointer(tmp_path / "resumed").latest_step() == 3
     second = train(TINY, TC, cpu8, RandomBatches(), ckpt_dir=tmp_path / "resumed", resume=True)
