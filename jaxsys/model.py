@@ -151,6 +151,19 @@ class Block(nnx.Module):
         return constrain(x, ("batch", "act_seq", "act_embed")), cache
 
 
+def embed_tokens(embed: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    return embed.astype(dtype)[tokens]  # [batch, seq, dim]
+
+
+def output_logits(config: ModelConfig, x: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
+    head = embed.T if config.tie_embeddings else lm_head  # [dim, vocab]
+    return (x @ head.astype(x.dtype)).astype(jnp.float32)
+
+
+def default_positions(tokens: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
 class Llama(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -166,10 +179,9 @@ class Llama(nnx.Module):
         """tokens, positions: [batch, seq] -> (logits [batch, seq, vocab] f32, cache)."""
         c = self.config
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            positions = default_positions(tokens)
         inv_freq = jnp.asarray(rope_frequencies(c))
-        x = self.embed[...].astype(c.dtype)[tokens]
-        x = constrain(x, ("batch", "act_seq", "act_embed"))
+        x = constrain(embed_tokens(self.embed[...], tokens, c.dtype), ("batch", "act_seq", "act_embed"))
 
         def run_block(block, x, cache):
             return block(x, positions, inv_freq, cache)
@@ -180,9 +192,7 @@ class Llama(nnx.Module):
         for i, block in enumerate(self.layers):
             x, layer_cache = run_block(block, x, None if cache is None else cache[i])
             new_cache.append(layer_cache)
-        x = self.norm(x)
-        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = (x @ head.astype(c.dtype)).astype(jnp.float32)
+        logits = output_logits(c, self.norm(x), self.embed[...], None if c.tie_embeddings else self.lm_head[...])
         return logits, (None if cache is None else tuple(new_cache))
 
 
@@ -207,6 +217,8 @@ class ModelDef:
         self.logical_axes = nnx.to_pure_dict(
             jax.tree.map(lambda v: v.get_metadata()["logical_axes"], self._template, is_leaf=is_var))
         self.shapes = nnx.to_pure_dict(self._template)  # ShapeDtypeStructs
+        self._block_graphdef, self._block_template = nnx.split(abstract.layers[0], nnx.Param)
+        self._norm_graphdef, self._norm_template = nnx.split(abstract.norm, nnx.Param)
 
     def init(self, seed: int = 0, shardings=None) -> dict:
         """Random parameters for `seed`, created in one compiled program (placed on `shardings`).
@@ -223,6 +235,32 @@ class ModelDef:
 
     def apply(self, params: dict, tokens, positions=None, cache=None):
         return self.merge(params)(tokens, positions, cache)
+
+    def block_fn(self, block_params: dict, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """One transformer block as a pure function of its params (no cache)."""
+        state = jax.tree.map(lambda v: v, self._block_template)
+        nnx.replace_by_pure_dict(state, block_params)
+        inv_freq = jnp.asarray(rope_frequencies(self.config))
+        return nnx.merge(self._block_graphdef, state)(x, positions, inv_freq, None)[0]
+
+    def apply_blockwise(self, params: dict, tokens: jax.Array, *, fetch_outer, call_block) -> jax.Array:
+        """The forward pass piece by piece, for explicit parameter-gathering schedules.
+
+        `fetch_outer(outer)` returns the full embedding / final norm / lm_head from
+        whatever `params` holds for them; `call_block(block_fn, block_params, x,
+        positions)` runs one block (typically gather + `block_fn` under a custom_vjp).
+        Computes the same function as `apply`.
+        """
+        c = self.config
+        positions = default_positions(tokens)
+        outer = fetch_outer({k: v for k, v in params.items() if k != "layers"})
+        x = embed_tokens(outer["embed"], tokens, c.dtype)
+        for i in range(c.n_layers):
+            x = call_block(self.block_fn, params["layers"][i], x, positions)
+        state = jax.tree.map(lambda v: v, self._norm_template)
+        nnx.replace_by_pure_dict(state, outer["norm"])
+        x = nnx.merge(self._norm_graphdef, state)(x)
+        return output_logits(c, x, outer["embed"], outer.get("lm_head"))
 
     def param_specs(self, rules) -> dict:
         """PartitionSpecs of the params under sharding rules."""

@@ -19,6 +19,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -32,6 +33,7 @@ from jaxsys.checkpoint import Checkpointer, abstract_tree
 from jaxsys.config import ModelConfig
 from jaxsys.model import ModelDef
 from jaxsys.sharding import ShardingRules, make_rules, use_rules
+from jaxsys.sharding.zero import EXPLICIT_STRATEGIES, ExplicitStrategy, ZeroOptions, make_schedule
 
 log = logging.getLogger("jaxsys.train")
 
@@ -50,8 +52,9 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    strategy: str = "fsdp"
-    tensor_parallel: str | None = None  # mesh level for heads / mlp
+    strategy: str = "fsdp"  # ddp | fsdp (XLA-scheduled) | zero3 | zeropp | hier (explicit schedules)
+    tensor_parallel: str | None = None  # mesh level for heads / mlp (ddp, fsdp)
+    zero: ZeroOptions = ZeroOptions()  # hpZ / qwZ / qgZ switches of the explicit schedules
     log_every: int = 10
     ckpt_every: int = 50
     keep_last: int = 3
@@ -94,10 +97,18 @@ class Trainer:
                  loss_fn: Callable = next_token_loss):
         self.config, self.tc, self.mesh = model_config, tc, mesh
         self.model = ModelDef(model_config)
-        self.rules: ShardingRules = make_rules(tc.strategy, mesh, tensor_parallel=tc.tensor_parallel)
+        self.explicit: ExplicitStrategy | None = None
+        if tc.strategy in EXPLICIT_STRATEGIES:
+            if tc.tensor_parallel is not None:
+                raise ValueError(f"--tensor-parallel combines with ddp or fsdp, not with {tc.strategy}")
+            self.explicit = ExplicitStrategy(self.model, mesh, make_schedule(tc.strategy, mesh, tc.zero))
+            self.rules: ShardingRules = make_rules("ddp", mesh)  # the batch over every level
+            self.param_shardings = self.explicit.param_shardings
+        else:
+            self.rules = make_rules(tc.strategy, mesh, tensor_parallel=tc.tensor_parallel)
+            self.param_shardings = self.model.param_shardings(self.rules)
         self.tx = make_optimizer(tc)
         self.loss_fn = loss_fn
-        self.param_shardings = self.model.param_shardings(self.rules)
         abstract_opt = jax.eval_shape(self.tx.init, self.model.shapes)
         self.opt_shardings = optax.tree_map_params(
             self.tx, lambda _, sh: sh, abstract_opt, self.param_shardings,
@@ -127,7 +138,10 @@ class Trainer:
     def loss_and_grads(self, params, batch):
         """Loss and gradients (before the optimizer), averaged over microbatches."""
         with use_rules(self.rules):
-            grad_fn = jax.value_and_grad(lambda p, b: self.loss_fn(self.model, p, b))
+            if self.explicit is not None:
+                grad_fn = partial(self.explicit.loss_and_grads, self.loss_fn)
+            else:
+                grad_fn = jax.value_and_grad(lambda p, b: self.loss_fn(self.model, p, b))
             if self.tc.grad_accum == 1:
                 return grad_fn(params, batch)
             micro = batch.reshape(self.tc.grad_accum, -1, batch.shape[-1])
@@ -161,6 +175,7 @@ class Trainer:
 
     def meta(self, step: int, extra: dict[str, Any]) -> dict[str, Any]:
         return {"step": step, "model": self.config.to_dict(), "train": dataclasses.asdict(self.tc),
+                "strategy": self.tc.strategy,
                 "mesh": dict(self.mesh.shape), **extra}
 
 
