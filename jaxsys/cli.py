@@ -35,6 +35,29 @@ def _with_dtype(config, choice: str):
     return dataclasses.replace(config, dtype=dtype)
 
 
+def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="fsdp", choices=("ddp", "fsdp", "zero3", "zeropp", "hier"),
+                   help="ddp, fsdp (XLA-scheduled), zero3, zeropp (hpZ+qwZ+qgZ), hier (one stage per "
+                        "level); default fsdp")
+    p.add_argument("--tensor-parallel", default=None, metavar="LEVEL",
+                   help="mesh level that splits attention heads and the MLP (ddp, fsdp)")
+    p.add_argument("--no-quantized-collectives", action="store_true",
+                   help="zeropp/hier: send weights and gradients unquantized")
+    for name, what in (("hpz", "secondary weight partition inside the node"),
+                       ("qwz", "int8 weight all-gather"), ("qgz", "int4 gradient all-to-all")):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"zeropp: {what} (default on)")
+    p.add_argument("--secondary-partition-size", type=int, default=None,
+                   help="zeropp/hier: devices holding one secondary copy (default: a whole node)")
+
+
+def zero_options(args):
+    from jaxsys.sharding.zero import ZeroOptions
+    return ZeroOptions(hpz=args.hpz, qwz=args.qwz, qgz=args.qgz,
+                       quantized_collectives=not args.no_quantized_collectives,
+                       secondary_partition_size=args.secondary_partition_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxsys", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -45,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="corpus",
                    help="'corpus' (embedded arithmetic word problems), a .txt or a .jsonl file")
     t.add_argument("--mesh", default="cpu8", help="topology preset name or TOML path (default: cpu8)")
-    t.add_argument("--strategy", default="fsdp", help="ddp | fsdp (default: fsdp)")
-    t.add_argument("--tensor-parallel", default=None, metavar="LEVEL",
-                   help="mesh level that splits attention heads and the MLP")
+    add_strategy_arguments(t)
     t.add_argument("--steps", type=int, default=100, help="total optimizer steps of the run")
     t.add_argument("--batch-size", type=int, default=8, help="global sequences per step")
     t.add_argument("--seq-len", type=int, default=128)
@@ -124,6 +145,7 @@ def cmd_train(args) -> int:
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
                      seed=args.seed, strategy=args.strategy, tensor_parallel=args.tensor_parallel,
+                     zero=zero_options(args),
                      log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last)
     mesh = meshes.build_mesh(topology)
     loaded = load_model(args.model) if kind != "preset" and not args.resume else None
