@@ -22,12 +22,6 @@ import time
 import meshes
 
 
-def model_flops_per_token(config, seq_len: int) -> float:
-    embed = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)
-    matmul_params = config.num_params - embed + (0 if config.tie_embeddings else config.vocab_size * config.dim)
-    return 6 * matmul_params + 12 * config.n_layers * seq_len * config.n_heads * config.resolved_head_dim
-
-
 def matmul_peak(mesh, n: int, repeats: int) -> dict[str, float]:
     """Measured float32 matmul FLOP/s on one device and sharded over the mesh."""
     import jax
@@ -90,7 +84,7 @@ def main(argv=None) -> int:
     mesh = meshes.build_mesh(topology)
     one = meshes.mesh_for_shape(topology.axis_names, (1,) * len(topology.axis_names), devices=jax.devices()[:1])
     peak = matmul_peak(mesh, n=1024 if args.quick else 2048, repeats=3 if args.quick else 5)
-    flops_per_token = model_flops_per_token(config, 128)
+    flops_per_token = config.flops_per_token(128)
 
     runs = [("1 device", "fsdp", one), (f"{topology.name} ddp", "ddp", mesh), (f"{topology.name} fsdp", "fsdp", mesh)]
     rows = []

@@ -75,6 +75,16 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * block + embed + d
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM accounting): 6 x matmul params + 12 x layers x seq x heads x head_dim.
+
+        Matmul parameters exclude the embedding lookup but include the output head.
+        """
+        norms = self.dim * (2 * self.n_layers + 1)
+        lookup = 0 if self.tie_embeddings else self.vocab_size * self.dim  # tied: the table is the head
+        matmul_params = self.num_params - norms - lookup
+        return 6 * matmul_params + 12 * self.n_layers * seq_len * self.n_heads * self.resolved_head_dim
+
     def same_weights(self, other: "ModelConfig") -> bool:
         """Equal up to runtime choices (compute dtype, remat): the same checkpoint fits both."""
         runtime = {"dtype": "float32", "remat": False}

@@ -41,7 +41,8 @@ from typing import Any
 
 NIC_KINDS = ("infiniband", "roce", "ethernet")
 
-_TOP_KEYS = {"name", "description", "levels", "nic_groups"}
+_TOP_KEYS = {"name", "description", "levels", "nic_groups", "device"}
+_DEVICE_KEYS = {"name", "peak_bf16_tflops", "memory_gb"}
 _LEVEL_KEYS = {"name", "size", "bandwidth_gbps", "latency_us"}
 _NIC_KEYS = {"name", "kind", "nodes", "bandwidth_gbps"}
 
@@ -131,6 +132,28 @@ class NicGroup:
 
 
 @dataclass(frozen=True)
+class Device:
+    """What one device of the topology computes and holds (optional `[device]` table).
+
+    ``peak_bf16_tflops`` is the dense bfloat16 matmul peak from the vendor's data
+    sheet; cost models multiply it by an achieved-efficiency assumption.
+    """
+
+    name: str
+    peak_bf16_tflops: float
+    memory_gb: float
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"[device] name must be a non-empty string, got {self.name!r}")
+        for key in ("peak_bf16_tflops", "memory_gb"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"[device] {key} must be a positive number, got {value!r}")
+            object.__setattr__(self, key, float(value))
+
+
+@dataclass(frozen=True)
 class Topology:
     """A cluster as nested levels of links, ``levels`` listed innermost first.
 
@@ -143,6 +166,7 @@ class Topology:
     levels: tuple[Level, ...]
     description: str = ""
     nic_groups: tuple[NicGroup, ...] = ()
+    device: Device | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(self.levels))
@@ -239,6 +263,12 @@ def _parse(data: Mapping[str, Any], default_name: str) -> Topology:
             raise ValueError(f"{where} must be a table")
         _check_keys(where, entry, _NIC_KEYS, required=tuple(sorted(_NIC_KEYS)))
         groups.append(NicGroup(**entry))
+    device = None
+    if "device" in data:
+        if not isinstance(data["device"], Mapping):
+            raise ValueError("[device] must be a table")
+        _check_keys("[device]", data["device"], _DEVICE_KEYS, required=tuple(sorted(_DEVICE_KEYS)))
+        device = Device(**data["device"])
     name = data.get("name", default_name)
     description = data.get("description", "")
     if not isinstance(name, str) or not name:
@@ -246,7 +276,7 @@ def _parse(data: Mapping[str, Any], default_name: str) -> Topology:
     if not isinstance(description, str):
         raise ValueError(f"'description' must be a string, got {description!r}")
     return Topology(name=name, levels=tuple(levels), description=description,
-                    nic_groups=tuple(groups))
+                    nic_groups=tuple(groups), device=device)
 
 
 def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str],
