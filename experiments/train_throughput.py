@@ -13,6 +13,7 @@ and values), so the fraction is a model-FLOPs utilisation (MFU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -76,10 +77,10 @@ def main(argv=None) -> int:
     meshes.ensure_host_device_count(topology.num_devices)
 
     import jax
-    from jaxsys.config import get_preset
+    from jaxsys.config import default_compute_dtype, get_preset
     from jaxsys.train import TrainConfig
 
-    config = get_preset(args.model)
+    config = dataclasses.replace(get_preset(args.model), dtype=default_compute_dtype(jax.default_backend()))
     steps = 3 if args.quick else 10
     mesh = meshes.build_mesh(topology)
     one = meshes.mesh_for_shape(topology.axis_names, (1,) * len(topology.axis_names), devices=jax.devices()[:1])

@@ -59,11 +59,15 @@ def resolve(path: str | os.PathLike) -> tuple[Path, int]:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """`read_only` opens an existing folder for restoring without writing anything to it."""
         self.directory = Path(directory).absolute()
-        check_writable(self.directory)
+        if not read_only:
+            check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=None if read_only else keep_last, enable_async_checkpointing=async_save and not read_only,
+            create=not read_only, read_only=read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:

@@ -96,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--mesh", default=None,
+                   help="topology preset or TOML: shard the weights over its devices (default: one device)")
     _add_dtype(g)
+
+    e = sub.add_parser("export", help="write a model as a Hugging Face Llama folder")
+    _add_model(e)
+    e.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g.add_argument("--json", action="store_true", help="print one line of JSON on stdout")
 
     m = sub.add_parser("mesh", help="topology presets and meshes")
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh}[args.command](args)
+        commands = {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh, "export": cmd_export}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"jaxsys {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -141,14 +149,22 @@ def cmd_train(args) -> int:
     from jaxsys.train import TrainConfig, train
 
     config, kind = resolve_config(args.model)
-    config = dataclasses.replace(_with_dtype(config, args.dtype), remat=args.remat or config.remat)
+    # Training keeps float32 master weights and Adam moments, whatever the source stored.
+    config = dataclasses.replace(_with_dtype(config, args.dtype), remat=args.remat or config.remat,
+                                 param_dtype="float32")
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
                      seed=args.seed, strategy=args.strategy, tensor_parallel=args.tensor_parallel,
                      zero=zero_options(args),
                      log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last)
     mesh = meshes.build_mesh(topology)
-    loaded = load_model(args.model) if kind != "preset" and not args.resume else None
+    # A checkpoint or Hugging Face folder always supplies the starting weights; with
+    # --resume they are used only when --ckpt-dir holds no checkpoint yet.
+    loaded = load_model(args.model) if kind != "preset" else None
+    init_params = None
+    if loaded is not None:
+        import jax
+        init_params = jax.tree.map(lambda x: x.astype("float32"), loaded.params)
     tokenizer = loaded.tokenizer if loaded else _tokenizer(config, args.model)
     if tokenizer is None:
         raise ValueError(f"model {args.model} has no tokenizer, so text data cannot be encoded; "
@@ -157,20 +173,37 @@ def cmd_train(args) -> int:
     data = TokenDataset.from_documents(docs, tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                        seed=tc.seed)
     ckpt_dir = Path(args.ckpt_dir or f"runs/{Path(args.model).name}")
-    result = train(config, tc, mesh, data, ckpt_dir=ckpt_dir, resume=args.resume,
-                   init_params=loaded.params if loaded else None,
+    result = train(config, tc, mesh, data, ckpt_dir=ckpt_dir, resume=args.resume, init_params=init_params,
                    meta={"data": args.data, "strategy": args.strategy, "topology": topology.name})
+    if loaded is not None and loaded.path is not None:
+        _copy_tokenizer_files(loaded.path, ckpt_dir)  # checkpoints of this run keep the model's tokenizer
     summary = {"first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None,
                "start_step": result.start_step, "end_step": result.end_step,
-               "tokens_per_s": result.tokens_per_s, "ckpt_dir": str(result.ckpt_dir),
+               "tokens_per_s": _finite_or_none(result.tokens_per_s), "ckpt_dir": str(result.ckpt_dir),
                "stopped_by_signal": result.stopped_by_signal}
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary, allow_nan=False))
+    elif not result.losses:
+        print(f"nothing to do: {ckpt_dir} is already at step {result.end_step} of --steps {tc.steps}")
     else:
+        rate = f"{summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "one step, no rate"
         print(f"trained steps {result.start_step}->{result.end_step}: loss {summary['first_loss']:.4f} -> "
-              f"{summary['last_loss']:.4f}, {result.tokens_per_s:,.0f} tokens/s; checkpoints in {ckpt_dir}")
+              f"{summary['last_loss']:.4f}, {rate}; checkpoints in {ckpt_dir}")
     return 0
+
+
+def _finite_or_none(x):
+    import math
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _copy_tokenizer_files(source: Path, run_dir: Path) -> None:
+    import shutil
+    from jaxsys.hf import TOKENIZER_FILES
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and not (run_dir / name).exists():
+            shutil.copy2(source / name, run_dir / name)
 
 
 def _tokenizer(config, spec: str):
@@ -190,11 +223,22 @@ def parse_prompt_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args) -> int:
+    mesh = None
+    if args.mesh is not None:
+        import meshes
+        topology = meshes.load_topology(args.mesh)
+        meshes.ensure_host_device_count(topology.num_devices)
+        mesh = meshes.build_mesh(topology)
+
     from jaxsys.generate import Generator, SamplingConfig
-    from jaxsys.loading import load_model
+    from jaxsys.loading import load_model, resolve_config
     from jaxsys.model import ModelDef
 
-    loaded = load_model(args.model)
+    shardings = None
+    if mesh is not None:  # weights split over every device (FSDP layout); XLA gathers them per step
+        from jaxsys.sharding import make_rules
+        shardings = ModelDef(resolve_config(args.model)[0]).param_shardings(make_rules("fsdp", mesh))
+    loaded = load_model(args.model, param_shardings=shardings)
     config = _with_dtype(loaded.config, args.dtype)
     if args.prompt is not None:
         if loaded.tokenizer is None:
@@ -204,7 +248,7 @@ def cmd_generate(args) -> int:
     else:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
     model = ModelDef(config)
-    params = loaded.params if loaded.params is not None else model.init(args.seed)
+    params = loaded.params if loaded.params is not None else model.init(args.seed, shardings)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     eos_ids = tuple(getattr(loaded.tokenizer, "eos_ids", ()) or config.eos_ids)
     generator = Generator(model, params, max_len=len(prompt_ids) + args.max_new_tokens)
@@ -214,11 +258,24 @@ def cmd_generate(args) -> int:
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": text, "decode_tok_per_s": out.decode_tok_per_s,
                           "prefill_s": out.prefill_s, "stopped_by": out.stopped_by,
-                          "prompt_tokens": len(prompt_ids)}))
+                          "prompt_tokens": len(prompt_ids)}, allow_nan=False))
     else:
         print(text if text is not None else ",".join(map(str, out.token_ids)))
-        print(f"[{len(out.token_ids)} tokens, {out.decode_tok_per_s:.1f} tok/s, stopped by {out.stopped_by}]",
-              file=sys.stderr)
+        rate = f"{out.decode_tok_per_s:.1f} tok/s" if out.decode_tok_per_s else "one token"
+        print(f"[{len(out.token_ids)} tokens, {rate}, stopped by {out.stopped_by}]", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jaxsys.hf import export_hf
+    from jaxsys.loading import load_model
+    from jaxsys.model import ModelDef
+
+    loaded = load_model(args.model)
+    params = loaded.params if loaded.params is not None else ModelDef(loaded.config).init(0)
+    tokenizer_dir = loaded.path if loaded.path is not None and (loaded.path / "tokenizer.json").exists() else None
+    out = export_hf(args.out, loaded.config, params, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
+    print(f"wrote {out} (Hugging Face Llama: config.json + safetensors)")
     return 0
 
 

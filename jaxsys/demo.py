@@ -48,7 +48,12 @@ def main(argv=None) -> int:
     docs = load_documents("corpus", seed=0)
     data = TokenDataset.from_documents(docs, tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=0)
     if args.out.exists():
-        shutil.rmtree(args.out)  # the demo's own run folder
+        own = {"metrics.jsonl", "loss.png"}
+        strangers = [p.name for p in args.out.iterdir() if not (p.name in own or p.name.isdigit())]
+        if strangers:
+            raise SystemExit(f"{args.out} holds files the demo did not write ({', '.join(strangers[:3])}); "
+                             "pick another --out")
+        shutil.rmtree(args.out)  # a previous demo run
     mesh = meshes.build_mesh(topology)
     result = train(config, tc, mesh, data, ckpt_dir=args.out,
                    meta={"data": "corpus", "strategy": tc.strategy, "topology": topology.name})

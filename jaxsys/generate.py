@@ -52,8 +52,10 @@ def sample(logits: jax.Array, key: jax.Array, sc: SamplingConfig) -> jax.Array:
 @dataclass
 class Generation:
     token_ids: list[int]  # generated ids, prompt excluded
-    prefill_s: float  # prompt submitted -> first token on the host
-    decode_tok_per_s: float  # tokens after the first / time from first to last token on the host
+    prefill_s: float  # prompt submitted -> first token on the host (compiled beforehand)
+    # Tokens generated after the first, over the time from the first to the last
+    # token reaching the host (None when only one token was generated).
+    decode_tok_per_s: float | None
     stopped_by: str  # "eos" or "length"
     timings: list[float] = field(default_factory=list, repr=False)
 
@@ -77,6 +79,17 @@ class Generator:
             return sample(logits[:, -1], key, sc), cache
 
         self._prefill, self._decode = prefill, decode_step
+        self._compiled: dict = {}
+
+    def _programs(self, prompt_len: int, key, sc: SamplingConfig):
+        """Prefill and decode compiled ahead of time, so no compilation lands in a timed window."""
+        if (prompt_len, sc) not in self._compiled:
+            spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+            cache = jax.eval_shape(lambda: init_cache(self.model.config, 1, self.max_len))
+            self._compiled[(prompt_len, sc)] = (
+                self._prefill.lower(self.params, spec((1, prompt_len)), key, sc=sc).compile(),
+                self._decode.lower(self.params, spec((1,)), spec((1,)), cache, key, sc=sc).compile())
+        return self._compiled[(prompt_len, sc)]
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                  eos_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> Generation:
@@ -92,8 +105,9 @@ class Generator:
                              f"the cache length {self.max_len}; shorten one of them")
         key = jax.random.key(sampling.seed)
         tokens = jnp.asarray([prompt_ids], jnp.int32)
+        prefill, decode = self._programs(len(prompt_ids), key, sampling)
         t0 = time.perf_counter()
-        token, cache = self._prefill(self.params, tokens, jax.random.fold_in(key, 0), sc=sampling)
+        token, cache = prefill(self.params, tokens, jax.random.fold_in(key, 0))
         out = [int(token[0])]
         timings = [time.perf_counter()]
         stopped_by = "length"
@@ -104,11 +118,11 @@ class Generator:
                 break
             if len(out) >= max_new_tokens:
                 break
-            token, cache = self._decode(self.params, token, jnp.asarray([position], jnp.int32), cache,
-                                        jax.random.fold_in(key, len(out)), sc=sampling)
+            token, cache = decode(self.params, token, jnp.asarray([position], jnp.int32), cache,
+                                  jax.random.fold_in(key, len(out)))
             out.append(int(token[0]))  # host sync: the token is on the host
             timings.append(time.perf_counter())
             position += 1
         span = timings[-1] - timings[0]
-        rate = (len(out) - 1) / span if span > 0 else float("nan")
+        rate = (len(out) - 1) / span if len(out) > 1 and span > 0 else None
         return Generation(np.asarray(out).tolist(), timings[0] - t0, rate, stopped_by, timings)

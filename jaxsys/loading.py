@@ -72,12 +72,12 @@ def load_model(spec: str, *, param_shardings=None) -> LoadedModel:
         import jax
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         param_shardings = jax.tree.map(lambda _: device, model.shapes)
-    ckpt = Checkpointer(root, keep_last=1_000_000, async_save=False)
+    ckpt = Checkpointer(root, read_only=True)
     try:
         params, _ = ckpt.restore(step, abstract_tree(model.shapes, param_shardings))
     finally:
         ckpt.close()
-    return LoadedModel(config, params, tokenizer_for(config), kind, root, step)
+    return LoadedModel(config, params, tokenizer_for(config, root), kind, root, step)
 
 
 def _checkpoint_step(path: Path) -> tuple[Path, int]:

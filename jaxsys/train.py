@@ -107,6 +107,11 @@ class Trainer:
         else:
             self.rules = make_rules(tc.strategy, mesh, tensor_parallel=tc.tensor_parallel)
             self.param_shardings = self.model.param_shardings(self.rules)
+        data_devices = math.prod(mesh.shape[a] for a in self.rules.mesh_axes("batch"))
+        if (tc.batch_size // tc.grad_accum) % data_devices:
+            raise ValueError(f"batch_size={tc.batch_size} / grad_accum={tc.grad_accum} must divide over the "
+                             f"{data_devices} data-parallel devices ({' x '.join(self.rules.mesh_axes('batch'))}); "
+                             "pick a multiple, or fewer microbatches")
         self.tx = make_optimizer(tc)
         self.loss_fn = loss_fn
         abstract_opt = jax.eval_shape(self.tx.init, self.model.shapes)
@@ -214,6 +219,7 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
             raise TrainingError(f"checkpoint {ckpt.directory}/{latest} was trained with another model "
                                 f"config ({saved.get('model')}); resume with --model {ckpt.directory}, "
                                 "or pick an empty --ckpt-dir")
+        check_resumable(saved, tc, meta or {}, ckpt.directory / str(latest))
         state, start = trainer.restore(ckpt, latest), latest
         log.info("resumed from %s step %d", ckpt.directory, latest)
     else:
@@ -228,6 +234,8 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
     in_main_thread = _is_main_thread()
     if in_main_thread:
         signal.signal(signal.SIGTERM, on_sigterm)
+    if run_dir:
+        _truncate_metrics(run_dir / "metrics.jsonl", after_step=start)  # rows of steps that will rerun
     metrics_file = open(run_dir / "metrics.jsonl", "a") if run_dir else None
     losses: list[float] = []
     saved_step = latest
@@ -279,6 +287,35 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
     return TrainResult(state=state, losses=losses, start_step=start, end_step=step,
                        stopped_by_signal=stop["signal"] is not None,
                        tokens_per_s=tokens / elapsed if elapsed > 0 else float("nan"), ckpt_dir=run_dir)
+
+
+# Settings that decide the data order and the update rule: a resumed run must keep them.
+RESUME_KEEPS = ("batch_size", "seq_len", "grad_accum", "seed", "learning_rate", "min_lr_ratio", "warmup_steps",
+                "weight_decay", "b1", "b2", "grad_clip")
+
+
+def check_resumable(saved_meta: dict, tc: TrainConfig, meta: dict, where: Path) -> None:
+    """Refuses a resume that would not continue the saved run exactly (steps may grow)."""
+    saved = saved_meta.get("train", {})
+    changed = [f"{k}: {saved[k]} -> {getattr(tc, k)}" for k in RESUME_KEEPS
+               if k in saved and saved[k] != getattr(tc, k)]
+    if "data" in meta and "data" in saved_meta and meta["data"] != saved_meta["data"]:
+        changed.append(f"data: {saved_meta['data']} -> {meta['data']}")
+    if changed:
+        raise TrainingError(f"cannot resume {where} exactly: {'; '.join(changed)}; keep the saved settings "
+                            "(they are in its meta), or start a new run in an empty --ckpt-dir")
+    if saved.get("steps") not in (None, tc.steps):
+        log.warning("resuming with --steps %s instead of %s: the cosine schedule is stretched from here on",
+                    tc.steps, saved["steps"])
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= after_step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _is_main_thread() -> bool:

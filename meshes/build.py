@@ -39,10 +39,13 @@ def build_mesh(topology: Topology | str | os.PathLike,
     devices = default_devices() if devices is None else list(devices)
     needed = topology.num_devices
     if len(devices) < needed:
+        platform = devices[0].platform if devices else "none"
+        simulate = (f"set XLA_FLAGS=--xla_force_host_platform_device_count={needed}" if platform == "cpu" else
+                    f"run on simulated CPU devices with JAX_PLATFORMS=cpu XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={needed}")
         raise ValueError(
-            f"mesh preset {topology.name} needs {needed} devices, found {len(devices)}; set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} (CPU) or pick a "
-            "smaller preset / TOML (or Topology.with_size to shrink a level)")
+            f"mesh preset {topology.name} needs {needed} devices, found {len(devices)} {platform} device(s); "
+            f"{simulate}, or pick a preset or TOML that matches this machine")
     return mesh_for_shape(topology.axis_names, topology.mesh_shape, devices)
 
 

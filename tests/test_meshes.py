@@ -183,7 +183,7 @@ def test_cpu8_mesh_puts_gcd_innermost(cpu8_mesh):
 
 
 def test_too_few_devices_says_how_to_get_more():
-    with pytest.raises(ValueError, match=r"mesh preset cpu8 needs 8 devices, found 1; set "
+    with pytest.raises(ValueError, match=r"mesh preset cpu8 needs 8 devices, found 1 cpu device\(s\); set "
                                          r"XLA_FLAGS=--xla_force_host_platform_device_count=8"):
         meshes.build_mesh("cpu8", devices=jax.devices()[:1])
 
