@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from jaxsys import launch
 from jaxsys.loading import describe_model_arg
 
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = msub.add_parser("show", help="print a topology's levels and device grid")
     show.add_argument("mesh", help="topology preset name or TOML path")
     msub.add_parser("list", help="list topology presets")
+
+    from jaxsys import comm
+    comm.add_parser(sub)
+    launch.add_parser(sub)
     return parser
 
 
@@ -121,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        commands = {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh, "export": cmd_export}
+        from jaxsys import comm
+        commands = {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh, "export": cmd_export,
+                    "comm": comm.run, "launch": launch.run}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"jaxsys {args.command}: error: {e}", file=sys.stderr)
@@ -140,9 +147,14 @@ def cmd_mesh(args) -> int:
 def cmd_train(args) -> int:
     import meshes
     topology = meshes.load_topology(args.mesh)
-    meshes.ensure_host_device_count(topology.num_devices)  # before JAX starts
+    # A rank of `jaxsys launch` (or a SLURM / Open MPI task) joins its job first; its
+    # device count is its share of the mesh, which ensure_host_device_count must not raise.
+    if not launch.initialize_from_env():
+        meshes.ensure_host_device_count(topology.num_devices)  # before JAX starts
 
     import dataclasses
+
+    import jax
 
     from jaxsys.data import TokenDataset, load_documents
     from jaxsys.loading import load_model, resolve_config
@@ -163,7 +175,6 @@ def cmd_train(args) -> int:
     loaded = load_model(args.model) if kind != "preset" else None
     init_params = None
     if loaded is not None:
-        import jax
         init_params = jax.tree.map(lambda x: x.astype("float32"), loaded.params)
     tokenizer = loaded.tokenizer if loaded else _tokenizer(config, args.model)
     if tokenizer is None:
@@ -175,7 +186,7 @@ def cmd_train(args) -> int:
     ckpt_dir = Path(args.ckpt_dir or f"runs/{Path(args.model).name}")
     result = train(config, tc, mesh, data, ckpt_dir=ckpt_dir, resume=args.resume, init_params=init_params,
                    meta={"data": args.data, "strategy": args.strategy, "topology": topology.name})
-    if loaded is not None and loaded.path is not None:
+    if loaded is not None and loaded.path is not None and jax.process_index() == 0:
         _copy_tokenizer_files(loaded.path, ckpt_dir)  # checkpoints of this run keep the model's tokenizer
     summary = {"first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None,

@@ -70,7 +70,7 @@ def load_model(spec: str, *, param_shardings=None) -> LoadedModel:
     model = ModelDef(config)
     if param_shardings is None:
         import jax
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # addressable in every process
         param_shardings = jax.tree.map(lambda _: device, model.shapes)
     ckpt = Checkpointer(root, read_only=True)
     try:

@@ -131,6 +131,8 @@ class Trainer:
         if params is None:
             params = self.model.init(self.tc.seed, self.param_shardings)
         else:
+            if jax.process_count() > 1:  # device_put spreads host arrays over every process's devices
+                params = jax.device_get(params)
             params = jax.device_put(params, self.param_shardings)
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
         return {"params": params, "opt_state": opt_state}
@@ -161,7 +163,9 @@ class Trainer:
 
     def _step(self, state, batch):
         loss, grads = self.loss_and_grads(state["params"], batch)
-        grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+        # Elementwise square-and-sum keeps each gradient in its sharding (vdot would flatten
+        # and so all-gather a gradient split along a minor dimension).
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # A non-finite loss or gradient leaves the state as it was, so the run
@@ -234,14 +238,16 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
     in_main_thread = _is_main_thread()
     if in_main_thread:
         signal.signal(signal.SIGTERM, on_sigterm)
-    if run_dir:
+    writes_logs = run_dir is not None and jax.process_index() == 0  # one log per run, not one per process
+    if writes_logs:
         _truncate_metrics(run_dir / "metrics.jsonl", after_step=start)  # rows of steps that will rerun
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if run_dir else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if writes_logs else None
     losses: list[float] = []
     saved_step = latest
     step = start
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     t_start, tokens = None, 0
+    stopping = False
     try:
         while step < end:
             batch = trainer.put_batch(data.batch(step))
@@ -266,10 +272,11 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
                 metrics_file.flush()
             if step % tc.log_every == 0 or step == tc.steps:
                 log.info("step %d/%d loss %.4f grad_norm %.3f", step, tc.steps, loss, grad_norm)
-            if ckpt and (step % tc.ckpt_every == 0 or step == end or stop["signal"]):
+            stopping = _any_process(stop["signal"] is not None)
+            if ckpt and (step % tc.ckpt_every == 0 or step == end or stopping):
                 ckpt.save(step, state["params"], state["opt_state"], trainer.meta(step, meta or {}))
                 saved_step = step
-            if stop["signal"]:
+            if stopping:
                 log.warning("SIGTERM: saved step %d, exiting", step)
                 break
         if ckpt:
@@ -282,10 +289,10 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
     elapsed = time.perf_counter() - t_start if t_start else 0.0
-    if run_dir:
+    if writes_logs:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return TrainResult(state=state, losses=losses, start_step=start, end_step=step,
-                       stopped_by_signal=stop["signal"] is not None,
+                       stopped_by_signal=stopping,
                        tokens_per_s=tokens / elapsed if elapsed > 0 else float("nan"), ckpt_dir=run_dir)
 
 
@@ -316,6 +323,19 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     kept = [line for line in rows if json.loads(line)["step"] <= after_step]
     if len(kept) != len(rows):
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any one, so that all stop at the same step.
+
+    A SIGTERM reaches the processes of a multi-process run at slightly different
+    times; one that stopped alone would leave the others waiting forever in the
+    next step's collectives, and itself in the checkpoint's barrier.
+    """
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.array(flag)).any())
 
 
 def _is_main_thread() -> bool:
