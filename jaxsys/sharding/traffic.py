@@ -24,7 +24,7 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
-from jaxsys.sharding.zero import QUANT_BLOCK, Schedule, Stage
+from jaxsys.sharding.zero import GRAD_QUANT_BLOCK, QUANT_BLOCK, Schedule, Stage
 
 MeshShape = Mapping[str, int]  # axis name -> size, outermost first
 
@@ -66,7 +66,7 @@ def _scatter_bytes(rows_before: int, rest: int, stage: Stage, mesh_shape, itemsi
     if not stage.quantized:
         return (s - 1) / s * elements * itemsize
     per_member = elements // s  # all-to-all rows are [group, elements / group]
-    scales = per_member // math.gcd(per_member, QUANT_BLOCK)
+    scales = per_member // math.gcd(per_member, GRAD_QUANT_BLOCK)
     return (s - 1) / s * s * (per_member / 2 + scales * 4)  # int4 pairs + float32 scales
 
 

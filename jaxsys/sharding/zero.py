@@ -48,7 +48,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 EXPLICIT_STRATEGIES = ("zero3", "zeropp", "hier")
-QUANT_BLOCK = 256  # elements per quantization scale
+QUANT_BLOCK = 256  # elements per float32 scale of int8 weights
+GRAD_QUANT_BLOCK = 64  # elements per float32 scale of int4 gradients (coarser blocks cost accuracy)
 
 Axes = tuple[str, ...]
 
@@ -187,7 +188,7 @@ def scatter_stage(x: jax.Array, held: Axes, stage: Stage, block: int) -> tuple[j
     f = jnp.transpose(f, perm + list(range(len(held), f.ndim)))
     f = f.reshape(math.prod(_sizes(stage.axes)), -1)  # [group, everything else]
     if stage.quantized:
-        q, scale = quantize_int4(f, block)
+        q, scale = quantize_int4(f, block, stochastic=True)
         q = lax.all_to_all(q, stage.axes, 0, 0, tiled=True)
         scale = lax.all_to_all(scale, stage.axes, 0, 0, tiled=True)
         reduced = dequantize_int4(q, scale, f.dtype).sum(axis=0)
@@ -226,11 +227,24 @@ def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     return (q.reshape(*scale.shape, b).astype(jnp.float32) * scale[..., None]).reshape(q.shape).astype(dtype)
 
 
-def quantize_int4(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """Two signed 4-bit values per int8 byte (low nibble first) and a scale per block."""
+def quantize_int4(x: jax.Array, block: int, *, stochastic: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Two signed 4-bit values per int8 byte (low nibble first) and a scale per block.
+
+    With `stochastic`, values round up with probability equal to their fraction
+    (unbiased: E[dequantized] = x), which gradients need; round-to-nearest sends
+    every value under half a step to zero, a bias that accumulates over steps.
+    The dither is seeded from the tensor itself, so runs stay reproducible.
+    """
     xb = _blocks(x.astype(jnp.float32), block)
     scale = jnp.max(jnp.abs(xb), axis=-1, keepdims=True) / 7.0
-    q = jnp.clip(jnp.round(xb / jnp.where(scale == 0, 1, scale)), -8, 7).astype(jnp.int8).reshape(x.shape)
+    scaled = xb / jnp.where(scale == 0, 1, scale)
+    if stochastic:
+        seed = lax.bitcast_convert_type(jnp.sum(xb), jnp.uint32)
+        noise = jax.random.uniform(jax.random.fold_in(jax.random.key(0x5EED), seed), scaled.shape)
+        rounded = jnp.floor(scaled + noise)
+    else:
+        rounded = jnp.round(scaled)
+    q = jnp.clip(rounded, -8, 7).astype(jnp.int8).reshape(x.shape)
     pairs = q.reshape(*x.shape[:-1], -1, 2)
     packed = (pairs[..., 0] & 0xF) | (pairs[..., 1] << 4)
     return packed.astype(jnp.int8), scale[..., 0]
@@ -302,7 +316,7 @@ def reduce_scatter_param(g: jax.Array, dim: int, schedule: Schedule, out_dtype) 
     rows, moved_shape = _to_rows(g, dim)
     held = schedule.primary
     for stage in schedule.gradient:
-        rows, held = scatter_stage(rows, held, stage, QUANT_BLOCK)
+        rows, held = scatter_stage(rows, held, stage, GRAD_QUANT_BLOCK)
     n = math.prod(lax.axis_size(a) for a in schedule.primary)
     return _from_rows(rows, (moved_shape[0] // n, *moved_shape[1:]), dim).astype(out_dtype)
 
@@ -354,6 +368,12 @@ class ZeroModel:
 
         def block_bwd(block_fn, res, dy):
             saved, shards, x, positions = res
+            # Tie the re-gather to the incoming gradient: XLA then cannot merge it with the
+            # forward gather (which would keep every block's full weights alive through the
+            # backward pass) nor hoist it out of the backward pass. `0 * dy` is not folded for
+            # floats (NaN semantics), and an optimization barrier does not survive XLA:CPU.
+            tie = 0 * dy.reshape(-1)[0]
+            saved = jax.tree.map(lambda t: t + tie.astype(t.dtype), saved)
             full, _ = gather_tree(saved, block_dims, True)  # re-gather, then recompute the block
             _, vjp = jax.vjp(lambda p, h: block_fn(p, h, positions), full, x)
             d_full, dx = vjp(dy)
