@@ -85,8 +85,26 @@ def main(argv=None) -> int:
               f"(exact {problem.answer}) [{rate:.0f} tok/s]")
     correct = sum(answer == p.answer for p, _, answer, _ in samples)
     print(f"  held-out    {correct}/{len(samples)} one-step problems answered exactly")
+    print(f"  ZeRO bytes  {traffic_line(config, mesh)}")
     print(f"  total       {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def traffic_line(config, mesh) -> str:
+    """MB per device per step on each level for zero3 / zeropp / hier (bf16), from the analytic model."""
+    import dataclasses
+
+    from jaxsys.model import ModelDef
+    from jaxsys.sharding.traffic import param_infos, schedule_bytes
+    from jaxsys.sharding.zero import make_schedule, param_dims
+
+    shapes = ModelDef(config).shapes
+    infos = param_infos(shapes, param_dims(shapes, mesh.size))
+    parts = []
+    for strategy in ("zero3", "zeropp", "hier"):
+        per_level = schedule_bytes(make_schedule(strategy, mesh), dict(mesh.shape), infos, compute_dtype="bfloat16")
+        parts.append(f"{strategy} " + "/".join(f"{per_level[a] / 1e6:.1f}" for a in mesh.axis_names))
+    return f"MB per device per step over {'/'.join(mesh.axis_names)} (bf16): " + ", ".join(parts)
 
 
 if __name__ == "__main__":
