@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     topology = meshes.load_topology(args.mesh)
     meshes.ensure_host_device_count(topology.num_devices)
 
+    import jax.numpy as jnp
+
     from jaxsys import comm
     from jaxsys.config import get_preset
     from jaxsys.model import ModelDef
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
             model = schedule_bytes(make_schedule(strategy, mesh, tc.zero), dict(mesh.shape),
                                    param_infos(shapes, param_dims(shapes, mesh.size)), compute_dtype=config.dtype)
         elif strategy == "ddp":
-            model = allreduce_bytes(dict(mesh.shape), config.num_params, 4)
+            model = allreduce_bytes(dict(mesh.shape), config.num_params, jnp.dtype(config.dtype).itemsize)
         else:
             model = None
         rows.append({"variant": name, "strategy": strategy, "options": options,

@@ -43,6 +43,7 @@ class Assumptions:
 
 def project(topology, model_name: str, strategy: str, options, a: Assumptions) -> dict:
     import jax
+    import jax.numpy as jnp
     from jaxsys.config import get_preset
     from jaxsys.sharding.traffic import allreduce_bytes, param_infos, schedule_bytes, schedule_ring_steps
     from jaxsys.sharding.zero import ZeroOptions, make_schedule, param_dims
@@ -53,8 +54,8 @@ def project(topology, model_name: str, strategy: str, options, a: Assumptions) -
     params = config.num_params
     device = topology.device
     abstract_mesh = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
-    if options is None:  # ddp: one all-reduce of float32 gradients
-        per_level = allreduce_bytes(mesh_shape, params, 4)
+    if options is None:  # ddp: one all-reduce of the gradients, in the compute dtype as XLA runs it
+        per_level = allreduce_bytes(mesh_shape, params, jnp.dtype(a.compute_dtype).itemsize)
         ring_steps = {next(iter(mesh_shape)): 2 * (n - 1)}  # one bucketed ring all-reduce
         recompute, memory = 1.0, 16 * params
     else:

@@ -110,8 +110,11 @@ def schedule_ring_steps(schedule: Schedule, mesh_shape: MeshShape, params: list[
     return steps
 
 
-def allreduce_bytes(mesh_shape: MeshShape, num_params: int, itemsize: int = 4) -> dict[str, float]:
-    """Data parallelism: one all-reduce of every gradient over all devices, charged outermost."""
+def allreduce_bytes(mesh_shape: MeshShape, num_params: int, itemsize: int) -> dict[str, float]:
+    """Data parallelism: one all-reduce of every gradient over all devices, charged outermost.
+
+    XLA reduces the gradients in the compute dtype (before the cast to the
+    float32 master weights), so `itemsize` is the compute dtype's."""
     n = _group(tuple(mesh_shape), mesh_shape)
     totals = {level: 0.0 for level in mesh_shape}
     totals[next(iter(mesh_shape))] = 2 * (n - 1) / n * num_params * itemsize
