@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--mesh", default=None,
                    help="topology preset or TOML: shard the weights over its devices (default: one device)")
+    g.add_argument("--weights", default=None, metavar="FORMAT",
+                   help="quantize the linear layers on load: w8a8, w4a16, w4a8, int2..int8, int2a8..int8a8")
+    g.add_argument("--weights-method", default="rtn", choices=("rtn", "awq-like"),
+                   help="with --weights: round-to-nearest, or activation-aware scales from corpus text")
     _add_dtype(g)
 
     e = sub.add_parser("export", help="write a model as a Hugging Face Llama folder")
@@ -116,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxsys import comm
     comm.add_parser(sub)
     launch.add_parser(sub)
+    from jaxsys.quant import cli as quant_cli
+    quant_cli.add_parser(sub)
     return parser
 
 
@@ -127,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         from jaxsys import comm
+        from jaxsys.quant import cli as quant_cli
         commands = {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh, "export": cmd_export,
-                    "comm": comm.run, "launch": launch.run}
+                    "comm": comm.run, "launch": launch.run, "quantize": quant_cli.run}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"jaxsys {args.command}: error: {e}", file=sys.stderr)
@@ -161,6 +168,8 @@ def cmd_train(args) -> int:
     from jaxsys.train import TrainConfig, train
 
     config, kind = resolve_config(args.model)
+    if kind == "quantized":
+        raise ValueError(f"{args.model} is a quantized checkpoint; train its float source instead")
     # Training keeps float32 master weights and Adam moments, whatever the source stored.
     config = dataclasses.replace(_with_dtype(config, args.dtype), remat=args.remat or config.remat,
                                  param_dtype="float32")
@@ -245,6 +254,8 @@ def cmd_generate(args) -> int:
     from jaxsys.loading import load_model, resolve_config
     from jaxsys.model import ModelDef
 
+    if resolve_config(args.model)[1] == "quantized" and (mesh is not None or args.weights):
+        raise ValueError(f"{args.model} is already quantized; drop --weights and --mesh")
     shardings = None
     if mesh is not None:  # weights split over every device (FSDP layout); XLA gathers them per step
         from jaxsys.sharding import make_rules
@@ -260,6 +271,10 @@ def cmd_generate(args) -> int:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
     model = ModelDef(config)
     params = loaded.params if loaded.params is not None else model.init(args.seed, shardings)
+    if args.weights is not None:
+        from jaxsys.quant.cli import quantize_for_generate
+        params = quantize_for_generate(loaded.config, params, args.weights, method=args.weights_method,
+                                       tokenizer=loaded.tokenizer)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     eos_ids = tuple(getattr(loaded.tokenizer, "eos_ids", ()) or config.eos_ids)
     generator = Generator(model, params, max_len=len(prompt_ids) + args.max_new_tokens)
@@ -283,6 +298,8 @@ def cmd_export(args) -> int:
     from jaxsys.model import ModelDef
 
     loaded = load_model(args.model)
+    if loaded.source == "quantized":
+        raise ValueError(f"{args.model} is a quantized checkpoint; export its float source instead")
     params = loaded.params if loaded.params is not None else ModelDef(loaded.config).init(0)
     tokenizer_dir = loaded.path if loaded.path is not None and (loaded.path / "tokenizer.json").exists() else None
     out = export_hf(args.out, loaded.config, params, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)

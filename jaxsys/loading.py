@@ -19,7 +19,7 @@ class LoadedModel:
     config: ModelConfig
     params: Any | None  # pure-dict pytree, or None for a bare preset
     tokenizer: Any | None  # jaxsys.data.Tokenizer, or None (token ids only)
-    source: str  # "preset", "checkpoint" or "huggingface"
+    source: str  # "preset", "checkpoint", "huggingface" or "quantized"
     path: Path | None = None
     step: int | None = None
 
@@ -36,6 +36,9 @@ def resolve_config(spec: str) -> tuple[ModelConfig, str]:
     if not path.exists():
         raise ValueError(f"--model {spec!r} is neither a preset nor an existing path; give "
                          + describe_model_arg())
+    from jaxsys.quant.cli import is_quantized_checkpoint, quantized_config
+    if is_quantized_checkpoint(path):
+        return quantized_config(path), "quantized"
     from jaxsys import checkpoint, hf
     if hf.is_hf_folder(path):
         return hf.load_hf_config(path), "huggingface"
@@ -56,6 +59,12 @@ def load_model(spec: str, *, param_shardings=None) -> LoadedModel:
     if kind == "preset":
         return LoadedModel(config, None, tokenizer_for(config), kind)
     path = Path(spec)
+    if kind == "quantized":
+        if param_shardings is not None:
+            raise ValueError(f"{spec} is a quantized checkpoint; it loads onto one device (drop --mesh)")
+        from jaxsys.quant.cli import load_quantized
+        config, params, tokenizer = load_quantized(path)
+        return LoadedModel(config, params, tokenizer, kind, path)
     if kind == "huggingface":
         import jax
         from jaxsys import hf

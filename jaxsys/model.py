@@ -8,7 +8,8 @@ weights load without permutation. What differs: weights are stored as
 logical axis names in their `logical_axes` metadata, which the sharding rules
 map onto mesh levels; and the forward pass is functional in its KV cache
 (`model(tokens, positions, cache) -> (logits, cache)`), so jitted decode steps
-can donate it.
+can donate it. Every linear layer of a block goes through `project`, so weights
+quantized by `jaxsys.quant` run through this same code.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
 
 
+def project(x: jax.Array, weight: nnx.Param, equation: str | None = None) -> jax.Array:
+    """A linear projection: `x @ w`, or `einsum(equation, x, w)`, in x's dtype.
+
+    A weight quantized by `jaxsys.quant` (a `QuantizedWeight`, recognised by its
+    `quantized_matmul` method so that the model needs no import of the kernels)
+    runs its own low-bit matmul over the same input and output axes instead.
+    """
+    w = weight.get_value()
+    if hasattr(w, "quantized_matmul"):
+        return w.quantized_matmul(x)
+    w = w.astype(x.dtype)
+    return x @ w if equation is None else jnp.einsum(equation, x, w)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
@@ -95,9 +110,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, cache: LayerCache | None):
         c, dt = self.config, x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        q = project(x, self.q, "btd,dhk->bthk")
+        k = project(x, self.k, "btd,dhk->bthk")
+        v = project(x, self.v, "btd,dhk->bthk")
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         if cache is None:
@@ -121,7 +136,7 @@ class Attention(nnx.Module):
         scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, -1)
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)), cache
+        return project(out, self.o, "bthk,hkd->btd"), cache
 
 
 class MLP(nnx.Module):
@@ -132,9 +147,8 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (f, d), ("mlp", "embed"), pd)
 
     def __call__(self, x):
-        dt = x.dtype
-        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        return h @ self.down[...].astype(dt)
+        h = jax.nn.silu(project(x, self.gate)) * project(x, self.up)
+        return project(h, self.down)
 
 
 class Block(nnx.Module):

@@ -100,3 +100,16 @@ def test_mesh_show_and_help():
     assert "384" in jaxsys("mesh", "show", "frontier").stdout
     for command in (["train"], ["generate"], ["mesh", "show"]):
         assert "usage" in jaxsys(*command, "--help").stdout
+
+
+def test_quantize_then_generate(trained, tmp_path):
+    ckpt, _, _ = trained
+    out = tmp_path / "w4a16"
+    jaxsys("quantize", "--model", ckpt, "--format", "w4a16", "--out", out)
+    quantized = json.loads(jaxsys("generate", "--model", out, "--prompt-ids", "257,81", "--max-new-tokens", 4,
+                                  "--ignore-eos", "--json").stdout)
+    on_load = json.loads(jaxsys("generate", "--model", ckpt, "--weights", "w4a16", "--prompt-ids", "257,81",
+                                "--max-new-tokens", 4, "--ignore-eos", "--json").stdout)
+    assert len(quantized["token_ids"]) == 4 and len(on_load["token_ids"]) == 4
+    proc = jaxsys("train", "--model", out, "--steps", 1, check=False)
+    assert proc.returncode == 1 and "quantized checkpoint" in proc.stderr
