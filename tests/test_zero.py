@@ -1,6 +1,7 @@
 """Explicit ZeRO schedules: same numbers as data parallelism, layouts, quantization, errors."""
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,8 @@ def test_quantized_collectives_stay_close(cpu8, ddp):
         assert 0 < rel_diff(loss, ref_loss) <= 1e-3  # int8 weights: close, but not bit-equal
         g, r = flatten(grads), flatten(ref_grads)
         cosine = g @ r / (np.linalg.norm(g) * np.linalg.norm(r))
-        assert cosine > 0.98, f"{strategy}: int4 gradients point elsewhere (cosine {cosine:.3f})"
+        # One step of stochastically rounded int4 gradients: unbiased but noisy.
+        assert cosine > 0.95, f"{strategy}: int4 gradients point elsewhere (cosine {cosine:.3f})"
 
 
 def test_schedules_follow_the_design(cpu8):
@@ -151,6 +153,27 @@ def test_block_quantization_round_trips():
     assert q4.shape == (6, 256) and q4.dtype == jnp.int8  # two values per byte
     err = jnp.abs(zero.dequantize_int4(q4, s4, jnp.float32) - x)
     assert float(jnp.max(err)) <= float(jnp.max(s4)) / 2 + 1e-6
+
+
+def test_stochastic_int4_is_unbiased():
+    """Averaged over dithers, stochastic int4 recovers values far below one quantization step."""
+    x = jax.random.normal(jax.random.key(2), (4, 64)) * jnp.linspace(0.01, 1.0, 64)  # many tiny values
+    draws = 400
+
+    @partial(jax.jit, static_argnums=0)
+    def mean_dequantized(stochastic):
+        def one(i):  # a relative nudge of 1e-6 changes the tensor's sum, hence its dither seed
+            xi = x * (1 + 1e-6 * i)
+            return zero.dequantize_int4(*zero.quantize_int4(xi, 64, stochastic=stochastic), jnp.float32)
+        return jax.vmap(one)(jnp.arange(draws)).mean(axis=0)
+
+    row_max = np.abs(np.asarray(x)).max(axis=1, keepdims=True)  # one scale per 64-value row
+    small = np.abs(np.asarray(x)) < row_max / 14  # under half a step: round-to-nearest sends them to 0
+    assert small.sum() > 20
+    nearest = np.asarray(mean_dequantized(False))
+    dithered = np.asarray(mean_dequantized(True))
+    assert np.all(nearest[small] == 0)
+    assert rel_diff(dithered[small], np.asarray(x)[small]) < 0.3  # vs 1.0 for round-to-nearest
 
 
 def test_checkpoints_move_between_strategies(cpu8, tmp_path):
