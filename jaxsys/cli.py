@@ -164,7 +164,7 @@ def cmd_train(args) -> int:
     import jax
 
     from jaxsys.data import TokenDataset, load_documents
-    from jaxsys.loading import load_model, resolve_config
+    from jaxsys.loading import load_model, resolve_config, tokenizer_for
     from jaxsys.train import TrainConfig, train
 
     config, kind = resolve_config(args.model)
@@ -185,7 +185,7 @@ def cmd_train(args) -> int:
     init_params = None
     if loaded is not None:
         init_params = jax.tree.map(lambda x: x.astype("float32"), loaded.params)
-    tokenizer = loaded.tokenizer if loaded else _tokenizer(config, args.model)
+    tokenizer = loaded.tokenizer if loaded else tokenizer_for(config)
     if tokenizer is None:
         raise ValueError(f"model {args.model} has no tokenizer, so text data cannot be encoded; "
                          "use a model folder with tokenizer.json or a preset trained with the byte tokenizer")
@@ -226,12 +226,6 @@ def _copy_tokenizer_files(source: Path, run_dir: Path) -> None:
             shutil.copy2(source / name, run_dir / name)
 
 
-def _tokenizer(config, spec: str):
-    from jaxsys.loading import tokenizer_for
-    path = Path(spec)
-    return tokenizer_for(config, path if path.is_dir() else None)
-
-
 def parse_prompt_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -254,12 +248,13 @@ def cmd_generate(args) -> int:
     from jaxsys.loading import load_model, resolve_config
     from jaxsys.model import ModelDef
 
-    if resolve_config(args.model)[1] == "quantized" and (mesh is not None or args.weights):
+    model_config, kind = resolve_config(args.model)
+    if kind == "quantized" and (mesh is not None or args.weights):
         raise ValueError(f"{args.model} is already quantized; drop --weights and --mesh")
     shardings = None
     if mesh is not None:  # weights split over every device (FSDP layout); XLA gathers them per step
         from jaxsys.sharding import make_rules
-        shardings = ModelDef(resolve_config(args.model)[0]).param_shardings(make_rules("fsdp", mesh))
+        shardings = ModelDef(model_config).param_shardings(make_rules("fsdp", mesh))
     loaded = load_model(args.model, param_shardings=shardings)
     config = _with_dtype(loaded.config, args.dtype)
     if args.prompt is not None:

@@ -75,7 +75,8 @@ def load_model(spec: str, *, param_shardings=None) -> LoadedModel:
 
     from jaxsys.checkpoint import Checkpointer, abstract_tree
     from jaxsys.model import ModelDef
-    root, step = _checkpoint_step(path)
+    from jaxsys import checkpoint
+    root, step = checkpoint.resolve(path)
     model = ModelDef(config)
     if param_shardings is None:
         import jax
@@ -88,7 +89,3 @@ def load_model(spec: str, *, param_shardings=None) -> LoadedModel:
         ckpt.close()
     return LoadedModel(config, params, tokenizer_for(config, root), kind, root, step)
 
-
-def _checkpoint_step(path: Path) -> tuple[Path, int]:
-    from jaxsys import checkpoint
-    return checkpoint.resolve(path)

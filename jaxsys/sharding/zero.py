@@ -415,12 +415,4 @@ class ExplicitStrategy:
                              out_specs=(P(), self.param_specs), check_vma=False)(params, batch)
 
 
-def describe(schedule: Schedule) -> str:
-    def fmt(stages):
-        return " -> ".join("+".join(s.axes) + ("[q]" if s.quantized else "") for s in stages) or "-"
-    return (f"{schedule.strategy}: primary {schedule.primary}; forward {fmt(schedule.forward)}; "
-            f"secondary {schedule.secondary}; backward {fmt(schedule.backward)}; gradients {fmt(schedule.gradient)}")
-
-
-__all__ = ["EXPLICIT_STRATEGIES", "ExplicitStrategy", "Schedule", "Stage", "ZeroOptions", "describe",
-           "make_schedule"]
+__all__ = ["EXPLICIT_STRATEGIES", "ExplicitStrategy", "Schedule", "Stage", "ZeroOptions", "make_schedule"]
