@@ -1,22 +1,24 @@
-"""Token generation: a jitted prefill and a jitted one-token decode step over a dense KV cache.
+"""One prompt in, its tokens and timings out: what `jaxsys generate` runs.
 
-A simple host loop drives the decode step (one compiled program per step,
-the cache donated each call); it checks EOS on the host after every token.
-Sampling: greedy at temperature 0, else softmax(logits / T) restricted by
-top-k and top-p, with a seeded key per step.
+`Generator` is a thin host wrapper over `jaxsys.decode`: a compiled prefill (which
+samples the first token), then the whole decode as one `lax.while_loop` program.
+Both are compiled before the clock starts, so the timings hold no compilation:
+`prefill_s` is prompt -> first token on the host, `decode_tok_per_s` the tokens
+after the first over the time from the first token to the last on the host.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsys.model import ModelDef, init_cache
+from jaxsys.decode import STOP_TOKEN, Decoder, pad_prompts
+from jaxsys.model import ModelDef
+from jaxsys.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -30,23 +32,9 @@ class SamplingConfig:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {self}")
 
-
-def sample(logits: jax.Array, key: jax.Array, sc: SamplingConfig) -> jax.Array:
-    """logits [batch, vocab] f32 -> token ids [batch]."""
-    if sc.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sc.temperature
-    if sc.top_k:
-        kth = jax.lax.top_k(logits, sc.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sc.top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always the top token).
-        cutoff_index = jnp.sum(cumulative < sc.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    def params(self, batch: int = 1) -> SamplingParams:
+        return SamplingParams.make(batch, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                   seed=self.seed)
 
 
 @dataclass
@@ -57,72 +45,49 @@ class Generation:
     # token reaching the host (None when only one token was generated).
     decode_tok_per_s: float | None
     stopped_by: str  # "eos" or "length"
-    timings: list[float] = field(default_factory=list, repr=False)
 
 
 class Generator:
-    """Compiles prefill and decode for one model and cache length; reusable across prompts."""
+    """Compiled prefill and decode loop for one model and cache length; reusable across prompts."""
 
-    def __init__(self, model: ModelDef, params, *, max_len: int | None = None):
+    def __init__(self, model: ModelDef, params, *, max_len: int | None = None, prefill_chunk: int = 512):
         self.model, self.params = model, params
         self.max_len = max_len or model.config.max_seq_len
-
-        @partial(jax.jit, static_argnames=("sc",))
-        def prefill(params, tokens, key, *, sc):
-            cache = init_cache(model.config, tokens.shape[0], self.max_len)
-            logits, cache = model.apply(params, tokens, None, cache)
-            return sample(logits[:, -1], key, sc), cache
-
-        @partial(jax.jit, static_argnames=("sc",), donate_argnames=("cache",))
-        def decode_step(params, token, position, cache, key, *, sc):
-            logits, cache = model.apply(params, token[:, None], position[:, None], cache)
-            return sample(logits[:, -1], key, sc), cache
-
-        self._prefill, self._decode = prefill, decode_step
+        self.decoder = Decoder(model, params, self.max_len, batch=1, prefill_chunk=prefill_chunk)
         self._compiled: dict = {}
 
-    def _programs(self, prompt_len: int, key, sc: SamplingConfig):
-        """Prefill and decode compiled ahead of time, so no compilation lands in a timed window."""
-        if (prompt_len, sc) not in self._compiled:
-            spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-            cache = jax.eval_shape(lambda: init_cache(self.model.config, 1, self.max_len))
-            self._compiled[(prompt_len, sc)] = (
-                self._prefill.lower(self.params, spec((1, prompt_len)), key, sc=sc).compile(),
-                self._decode.lower(self.params, spec((1,)), spec((1,)), cache, key, sc=sc).compile())
-        return self._compiled[(prompt_len, sc)]
+    def _programs(self, prompt_width: int, chunk: int, max_new_tokens: int, stop_ids, sp: SamplingParams):
+        """Prefill and loop compiled ahead of time, so no compilation lands in a timed window."""
+        key = (prompt_width, chunk, max_new_tokens, stop_ids, sp.needs_filters())
+        if key not in self._compiled:
+            d, filters = self.decoder, sp.needs_filters()
+            cache = jax.eval_shape(d.new_cache)
+            ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+            prefill = d.program("prefill", max_new_tokens=max_new_tokens, stop_ids=stop_ids, chunk=chunk,
+                                filters=filters).lower(self.params, cache, ints(1, prompt_width), ints(1), sp)
+            loop = d.program("loop", max_new_tokens=max_new_tokens, stop_ids=stop_ids, chunk=chunk,
+                             filters=filters).lower(self.params, cache, ints(1), ints(1), sp, ints(1))
+            self._compiled[key] = (prefill.compile(), loop.compile())
+        return self._compiled[key]
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                  eos_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> Generation:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        vocab = self.model.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model")
-        if len(prompt_ids) + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the cache length {self.max_len}; shorten one of them")
-        key = jax.random.key(sampling.seed)
-        tokens = jnp.asarray([prompt_ids], jnp.int32)
-        prefill, decode = self._programs(len(prompt_ids), key, sampling)
+        self.decoder.check([prompt_ids], max_new_tokens)
+        chunk = self.decoder._chunk(max(len(prompt_ids), 1))
+        tokens, lengths = pad_prompts([prompt_ids], chunk, vocab=self.model.config.vocab_size)
+        stop_ids = () if ignore_eos else tuple(sorted(set(eos_ids)))
+        sp = sampling.params(1)
+        prefill, loop = self._programs(tokens.shape[1], chunk, max_new_tokens, stop_ids, sp)
+        tokens, lengths, limit = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray([max_new_tokens], jnp.int32)
+        cache = self.decoder.new_cache()
         t0 = time.perf_counter()
-        token, cache = prefill(self.params, tokens, jax.random.fold_in(key, 0))
-        out = [int(token[0])]
-        timings = [time.perf_counter()]
-        stopped_by = "length"
-        position = len(prompt_ids)
-        while True:
-            if not ignore_eos and out[-1] in eos_ids:
-                stopped_by = "eos"
-                break
-            if len(out) >= max_new_tokens:
-                break
-            token, cache = decode(self.params, token, jnp.asarray([position], jnp.int32), cache,
-                                  jax.random.fold_in(key, len(out)))
-            out.append(int(token[0]))  # host sync: the token is on the host
-            timings.append(time.perf_counter())
-            position += 1
-        span = timings[-1] - timings[0]
-        rate = (len(out) - 1) / span if len(out) > 1 and span > 0 else None
-        return Generation(np.asarray(out).tolist(), timings[0] - t0, rate, stopped_by, timings)
+        first, cache = prefill(self.params, cache, tokens, lengths, sp)
+        first.block_until_ready()
+        t1 = time.perf_counter()
+        out = loop(self.params, cache, first, lengths, sp, limit)
+        ids = np.asarray(out.tokens[0])  # on the host: the last token has arrived
+        t2 = time.perf_counter()
+        n = int(out.lengths[0])
+        rate = (n - 1) / (t2 - t1) if n > 1 and t2 > t1 else None
+        stopped_by = "eos" if int(out.stopped_by[0]) == STOP_TOKEN else "length"
+        return Generation(ids[:n].tolist(), t1 - t0, rate, stopped_by)

@@ -15,8 +15,6 @@ quantized by `jaxsys.quant` run through this same code.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,15 +26,10 @@ from jaxsys.sharding import constrain
 INIT_STD = 0.02
 
 
-class LayerCache(NamedTuple):
-    k: jax.Array  # [batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [batch, max_len, kv_heads, head_dim]
-
-
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple[LayerCache, ...]:
-    dtype = dtype or config.dtype
-    shape = (batch, max_len, config.n_kv_heads, config.resolved_head_dim)
-    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers))
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None):
+    """A dense KV cache (slot == position) for `batch` sequences of up to `max_len` tokens."""
+    from jaxsys.kvcache import dense_cache
+    return dense_cache(config, batch, max_len, dtype)
 
 
 def _param(rngs: nnx.Rngs, shape, logical_axes, dtype, std=INIT_STD) -> nnx.Param:
@@ -108,32 +101,34 @@ class Attention(nnx.Module):
         self.v = _param(rngs, (d, config.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.o = _param(rngs, (config.n_heads, hd, d), ("heads", "head_dim", "embed"), pd)
 
-    def __call__(self, x, positions, inv_freq, cache: LayerCache | None):
+    def __call__(self, x, positions, inv_freq, cache):
         c, dt = self.config, x.dtype
         q = project(x, self.q, "btd,dhk->bthk")
         k = project(x, self.k, "btd,dhk->bthk")
         v = project(x, self.v, "btd,dhk->bthk")
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
+        if hasattr(cache, "attend"):  # a cache that computes attention where its pages live
+            out, cache = cache.attend(q, k, v, positions)  # [B, T, H, hd]
+            return project(out.astype(dt), self.o, "bthk,hkd->btd"), cache
         if cache is None:
             k_pos = positions  # [B, S]
         else:
-            # Write the new keys/values at their positions (each sequence's chunk
-            # is contiguous), then attend over the whole cache.
-            start = positions[:, 0]
-            write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))
-            cache = LayerCache(write(cache.k, k.astype(cache.k.dtype), start),
-                               write(cache.v, v.astype(cache.v.dtype), start))
-            k, v = cache.k.astype(dt), cache.v.astype(dt)
-            k_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), (x.shape[0], k.shape[1]))
+            # The cache stores the new keys/values by position (`jaxsys.kvcache`);
+            # attention runs over every slot, masked by the slots' positions.
+            cache = cache.write(k, v, positions, q)
+            k, v, k_pos = cache.read()
+            k, v = k.astype(dt), v.astype(dt)
+        if k_pos.ndim == 2:
+            k_pos = k_pos[:, None, :]  # [B, 1 or kvH, S]
 
         groups = c.n_heads // c.n_kv_heads
         b, t = q.shape[:2]
         q = q.reshape(b, t, c.n_kv_heads, groups, -1)  # [B, T, kvH, G, hd]
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
         scores = scores / math.sqrt(c.resolved_head_dim)
-        causal = k_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
-        scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        causal = k_pos[:, :, None, None, :] <= positions[:, None, None, :, None]  # [B, kvH|1, 1, T, S]
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, -1)
         return project(out, self.o, "bthk,hkd->btd"), cache
@@ -189,8 +184,12 @@ class Llama(nnx.Module):
                                   config.param_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 cache: tuple[LayerCache, ...] | None = None):
-        """tokens, positions: [batch, seq] -> (logits [batch, seq, vocab] f32, cache)."""
+                 cache: tuple | None = None, select: jax.Array | None = None):
+        """tokens, positions: [batch, seq] -> (logits [batch, seq, vocab] f32, cache).
+
+        `select` [batch, k] picks the sequence indices whose logits are computed
+        (decoding needs only the last ones; the lm_head is the largest matmul then).
+        """
         c = self.config
         if positions is None:
             positions = default_positions(tokens)
@@ -206,6 +205,8 @@ class Llama(nnx.Module):
         for i, block in enumerate(self.layers):
             x, layer_cache = run_block(block, x, None if cache is None else cache[i])
             new_cache.append(layer_cache)
+        if select is not None:
+            x = jnp.take_along_axis(x, select[..., None], axis=1)
         logits = output_logits(c, self.norm(x), self.embed[...], None if c.tie_embeddings else self.lm_head[...])
         return logits, (None if cache is None else tuple(new_cache))
 
@@ -247,8 +248,8 @@ class ModelDef:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def apply(self, params: dict, tokens, positions=None, cache=None):
-        return self.merge(params)(tokens, positions, cache)
+    def apply(self, params: dict, tokens, positions=None, cache=None, select=None):
+        return self.merge(params)(tokens, positions, cache, select)
 
     def block_fn(self, block_params: dict, x: jax.Array, positions: jax.Array) -> jax.Array:
         """One transformer block as a pure function of its params (no cache)."""

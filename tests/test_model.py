@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from jaxsys.config import get_preset
-from jaxsys.generate import Generator, SamplingConfig, sample
+from jaxsys.generate import Generator
 from jaxsys.model import ModelDef, init_cache
+from jaxsys.sampling import SamplingParams, sample
 from jaxsys.train import next_token_loss
 
 TINY = get_preset("tiny")
@@ -59,23 +60,28 @@ def test_bfloat16_compute_stays_close_to_float32(tiny):
     assert not TINY.same_weights(dataclasses.replace(TINY, n_layers=3))
 
 
-def draw_counts(logits, sc, n=2000):
-    keys = jax.random.split(jax.random.key(0), n)
-    drawn = jax.jit(jax.vmap(lambda k: sample(logits, k, sc)[0]))(keys)
+def draw_counts(logits, n=2000, **sampling):
+    """Token counts over n sequences (seeds 0..n-1) sampling from the same logits [1, vocab]."""
+    sp = SamplingParams.make(n, seed=np.arange(n), **sampling)
+    drawn = jax.jit(sample, static_argnames="filters")(jnp.broadcast_to(logits, (n, logits.shape[-1])), sp,
+                                                      jnp.zeros((n,), jnp.int32), filters=sp.needs_filters())
     return np.bincount(np.asarray(drawn), minlength=logits.shape[-1])
 
 
 def test_sampling_respects_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.06, 0.04]]))
-    top_k = draw_counts(logits, SamplingConfig(temperature=1.0, top_k=2))
-    top_p = draw_counts(logits, SamplingConfig(temperature=1.0, top_p=0.8))
-    free = draw_counts(logits, SamplingConfig(temperature=1.0))
+    top_k = draw_counts(logits, temperature=1.0, top_k=2)
+    top_p = draw_counts(logits, temperature=1.0, top_p=0.8)
+    both = draw_counts(logits, temperature=1.0, top_k=2, top_p=0.6)
+    free = draw_counts(logits, temperature=1.0)
     assert set(np.nonzero(top_k)[0]) == {0, 1}
     assert set(np.nonzero(top_p)[0]) == {0, 1, 2}  # smallest set with mass >= 0.8: .5+.25+.15
+    assert set(np.nonzero(both)[0]) == {0}  # top-k first; then 2/3 of the renormalised mass >= 0.6
     assert free[4] > 0  # no restriction: the tail is reachable
     # Within the kept set, frequencies follow the renormalised probabilities.
     np.testing.assert_allclose(top_k[:2] / top_k.sum(), [2 / 3, 1 / 3], atol=0.04)
-    assert sample(logits, jax.random.key(1), SamplingConfig()).tolist() == [0]  # greedy
+    np.testing.assert_allclose(free / free.sum(), [0.5, 0.25, 0.15, 0.06, 0.04], atol=0.04)
+    assert sample(logits, SamplingParams.make(1), jnp.zeros((1,), jnp.int32)).tolist() == [0]  # greedy
 
 
 def test_generator_rejects_bad_requests(tiny):
