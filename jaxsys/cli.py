@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the linear layers on load: w8a8, w4a16, w4a8, int2..int8, int2a8..int8a8")
     g.add_argument("--weights-method", default="rtn", choices=("rtn", "awq-like"),
                    help="with --weights: round-to-nearest, or activation-aware scales from corpus text")
+    spec = g.add_argument_group("speculative decoding (lossless: same output distribution as plain decoding)")
+    spec.add_argument("--speculative", default="none", choices=("none", "draft", "self", "triforce"),
+                      help="draft: a small model drafts for the target; self: the target on a retrieval "
+                           "sparse KV cache drafts for itself; triforce: draft -> retrieval target -> target")
+    spec.add_argument("--draft", default=None, metavar="PATH", help="draft model (same vocabulary as --model)")
+    spec.add_argument("--gamma", default="4", metavar="G[,G_OUTER]",
+                      help="tokens drafted per round; for triforce 'inner,outer' (draft -> retrieval, "
+                           "retrieval -> target), default 4,6")
+    spec.add_argument("--retrieval-budget", type=int, default=256, help="tokens kept by the retrieval cache")
+    spec.add_argument("--chunk-size", type=int, default=16, help="retrieval chunk size (divides the budget)")
+    spec.add_argument("--draft-window", type=int, default=256, help="triforce: the draft's StreamingLLM window")
     _add_dtype(g)
 
     e = sub.add_parser("export", help="write a model as a Hugging Face Llama folder")
@@ -272,19 +283,76 @@ def cmd_generate(args) -> int:
                                        tokenizer=loaded.tokenizer)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     eos_ids = tuple(getattr(loaded.tokenizer, "eos_ids", ()) or config.eos_ids)
-    generator = Generator(model, params, max_len=len(prompt_ids) + args.max_new_tokens)
-    out = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                             eos_ids=eos_ids, ignore_eos=args.ignore_eos)
+    extra = {}
+    if args.speculative == "none":
+        if args.draft is not None:
+            raise ValueError("--draft needs --speculative draft or triforce")
+        generator = Generator(model, params, max_len=len(prompt_ids) + args.max_new_tokens)
+        out = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                 eos_ids=eos_ids, ignore_eos=args.ignore_eos)
+    else:
+        out, extra = _generate_speculative(args, model, params, prompt_ids, sampling, eos_ids)
     text = loaded.tokenizer.decode(out.token_ids) if loaded.tokenizer is not None else None
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": text, "decode_tok_per_s": out.decode_tok_per_s,
                           "prefill_s": out.prefill_s, "stopped_by": out.stopped_by,
-                          "prompt_tokens": len(prompt_ids)}, allow_nan=False))
+                          "prompt_tokens": len(prompt_ids), **extra}, allow_nan=False))
     else:
         print(text if text is not None else ",".join(map(str, out.token_ids)))
         rate = f"{out.decode_tok_per_s:.1f} tok/s" if out.decode_tok_per_s else "one token"
         print(f"[{len(out.token_ids)} tokens, {rate}, stopped by {out.stopped_by}]", file=sys.stderr)
     return 0
+
+
+def parse_gamma(text: str, mode: str) -> tuple[int, int]:
+    """--gamma 'G' or 'G,G_OUTER' -> (gamma, gamma_outer)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--gamma {text!r}: give integers, e.g. 4 or (triforce) 4,6") from None
+    if len(values) > 2 or (len(values) == 2 and mode != "triforce"):
+        raise ValueError(f"--gamma {text!r}: two values (inner,outer) are for --speculative triforce only")
+    return values[0], values[1] if len(values) == 2 else 6
+
+
+def _generate_speculative(args, model, params, prompt_ids, sampling, eos_ids):
+    import numpy as np
+
+    from jaxsys.decode import STOP_TOKEN
+    from jaxsys.generate import Generation
+    from jaxsys.loading import load_model
+    from jaxsys.model import ModelDef
+    from jaxsys.speculative import SpecConfig, SpeculativeDecoder
+
+    gamma, gamma_outer = parse_gamma(args.gamma, args.speculative)
+    config = SpecConfig(mode=args.speculative, gamma=gamma, gamma_outer=gamma_outer,
+                        retrieval_budget=args.retrieval_budget, chunk_size=args.chunk_size,
+                        draft_window=args.draft_window)
+    draft, draft_params = None, None
+    if args.speculative in ("draft", "triforce"):
+        if args.draft is None:
+            raise ValueError(f"--speculative {args.speculative} needs --draft PATH (a smaller model with the "
+                             "same vocabulary)")
+        loaded = load_model(args.draft)
+        draft = ModelDef(_with_dtype(loaded.config, args.dtype))
+        draft_params = loaded.params if loaded.params is not None else draft.init(args.seed + 1)
+    elif args.draft is not None:
+        raise ValueError(f"--speculative {args.speculative} uses no draft model; drop --draft")
+    max_len = len(prompt_ids) + args.max_new_tokens
+    if config.uses_retrieval:
+        max_len = max(max_len, config.retrieval_budget)
+    decoder = SpeculativeDecoder(model, params, draft, draft_params, config=config, max_len=max_len)
+    out, metrics = decoder.generate([prompt_ids], max_new_tokens=args.max_new_tokens, sampling=sampling.params(1),
+                                    stop_ids=() if args.ignore_eos else eos_ids, timed=True)
+    n = int(out.lengths[0])
+    stopped_by = "eos" if int(out.stopped_by[0]) == STOP_TOKEN else "length"
+    # All tokens come out of the loop program: its rate is tokens over its wall time.
+    rate = n / metrics["loop_s"] if metrics["loop_s"] > 0 else None
+    gen = Generation(np.asarray(out.tokens[0, :n]).tolist(), metrics.pop("prefill_s"), rate, stopped_by)
+    metrics.pop("loop_s")
+    return gen, {"speculative": {"mode": args.speculative, "gamma": gamma,
+                                 **({"gamma_outer": gamma_outer} if args.speculative == "triforce" else {}),
+                                 **metrics}}
 
 
 def cmd_export(args) -> int:
