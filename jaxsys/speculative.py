@@ -126,20 +126,24 @@ def _keys(sp, stream, position, round_, level):
 
 
 def _draft(model, params, cache, seq, n, gamma, sp, active, round_, level, filters):
-    """Autoregressive drafting of seq[n .. n+gamma) -> (seq, q [B, gamma, V], cache)."""
+    """Autoregressive drafting of seq[n .. n+gamma) -> (seq, q [B, gamma, V], cache).
+
+    The first step feeds the last two committed tokens, later steps only the previous draft.
+    """
     b = seq.shape[0]
     rows = jnp.arange(b)
 
-    def step(j, carry):
+    def step(j, carry, width):
         seq, cache, qs = carry
-        logits, cache = _feed(model, params, cache, seq, n + j, 2, active)
+        logits, cache = _feed(model, params, cache, seq, n + j, width, active)
         probs = warp(logits[:, -1], sp, filters=filters)
         token = draw(probs, _keys(sp, DRAFT, n + j, round_, level))
         seq = seq.at[rows, n + j].set(jnp.where(active, token, seq[rows, n + j]))
         return seq, cache, qs.at[:, j].set(probs)
 
     qs = jnp.zeros((b, gamma, model.config.vocab_size), jnp.float32)
-    return jax.lax.fori_loop(0, gamma, step, (seq, cache, qs))
+    carry = step(0, (seq, cache, qs), 2)
+    return jax.lax.fori_loop(1, gamma, lambda j, c: step(j, c, 1), carry)
 
 
 def _verify(model, params, cache, seq, n, q, gamma, sp, active, round_, level, filters, residual):

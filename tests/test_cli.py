@@ -60,6 +60,26 @@ def test_generate_json_is_one_line_and_matches_the_library(trained):
     assert out["token_ids"] == expected  # prompt ids verbatim: no BOS added
 
 
+def test_speculative_generate_from_the_cli_equals_plain_greedy(trained, tmp_path):
+    """TriForce with the trained checkpoint as target and its Hugging Face export as draft."""
+    ckpt, _, _ = trained
+    hf = tmp_path / "hf"
+    jaxsys("export", "--model", ckpt, "--out", hf)
+    prompt = ",".join(str(t) for t in np.random.default_rng(0).integers(0, 259, 40))
+    common = ["generate", "--model", ckpt, "--prompt-ids", prompt, "--max-new-tokens", 12, "--ignore-eos", "--json"]
+    plain = json.loads(jaxsys(*common).stdout)
+    spec = json.loads(jaxsys(*common, "--speculative", "triforce", "--draft", hf, "--gamma", "2,4",
+                             "--retrieval-budget", 16, "--chunk-size", 4, "--draft-window", 8).stdout)
+    assert spec["token_ids"] == plain["token_ids"]
+    levels = spec["speculative"]["levels"]
+    assert set(levels) == {"target", "retrieval"} and levels["retrieval"]["acceptance_rate"] > 0
+    assert 0 < spec["speculative"]["target_forwards_per_token"] <= 1
+    bad = jaxsys(*common, "--speculative", "draft", "--gamma", "0", "--draft", hf, check=False)
+    assert bad.returncode != 0 and "gamma must be >= 1" in bad.stderr
+    missing = jaxsys(*common, "--speculative", "draft", check=False)
+    assert missing.returncode != 0 and "needs --draft" in missing.stderr
+
+
 def test_generate_text_prompt_with_byte_tokenizer(trained):
     ckpt, _, _ = trained
     out = json.loads(jaxsys("generate", "--model", ckpt, "--prompt", "Question:", "--max-new-tokens", 4,
