@@ -143,7 +143,9 @@ def _draft(model, params, cache, seq, n, gamma, sp, active, round_, level, filte
 
     qs = jnp.zeros((b, gamma, model.config.vocab_size), jnp.float32)
     carry = step(0, (seq, cache, qs), 2)
-    return jax.lax.fori_loop(1, gamma, lambda j, c: step(j, c, 1), carry)
+    for j in range(1, gamma):  # unrolled: gamma is small
+        carry = step(j, carry, 1)
+    return carry
 
 
 def _verify(model, params, cache, seq, n, q, gamma, sp, active, round_, level, filters, residual):
@@ -250,10 +252,6 @@ def speculative_loop(target: ModelDef, target_params, draft: ModelDef | None, dr
             cond, body, (state.seq, state.n, state.draft, state.retrieval, qbuf, state.inner, jnp.int32(0)))
         return state._replace(seq=seq, draft=dc, retrieval=rc, inner=level), qbuf[:, :gamma]
 
-    def rebuild(state: _State, valid):
-        rc = build_retrieval(state.target, valid, state.retrieval, chunk_size=cfg.chunk_size)
-        return state._replace(retrieval=rc, base=valid, since_rebuild=jnp.int32(0), rebuilds=state.rebuilds + 1)
-
     def body(state: _State) -> _State:
         active = ~state.done
         state, q = outer_draft(state, active)
@@ -279,9 +277,18 @@ def speculative_loop(target: ModelDef, target_params, draft: ModelDef | None, dr
             rate = jnp.sum(jnp.where(active, k, 0)) / jnp.maximum(jnp.sum(active) * gamma, 1)
             overflow = jnp.any(state.n - state.base + gamma + cfg.gamma + 4 > cfg.retrieval_window)
             need = (state.since_rebuild >= cfg.rebuild_every) | (rate < cfg.rebuild_below) | overflow
+            need = need & ~jnp.all(done)
             # The full cache is right below n - 1 (position n - 1 is a resampled or bonus token).
-            state = jax.lax.cond(need & ~jnp.all(done), lambda s: rebuild(s, jnp.maximum(s.n - 1, 1)),
-                                 lambda s: s, state)
+            # Only the small retrieval cache passes through the cond: a large carried operand
+            # (the full cache) would be copied on every round.
+            valid = jnp.maximum(state.n - 1, 1)
+            retrieval, base = jax.lax.cond(
+                need, lambda: (build_retrieval(state.target, valid, state.retrieval, chunk_size=cfg.chunk_size),
+                               valid),
+                lambda: (state.retrieval, state.base))
+            state = state._replace(retrieval=retrieval, base=base,
+                                   since_rebuild=jnp.where(need, 0, state.since_rebuild),
+                                   rebuilds=state.rebuilds + need)
         return state
 
     state = _State(seq, prompt_lengths, jnp.zeros((b,), jnp.int32), max_new <= 0,
