@@ -152,10 +152,11 @@ def _select_chunks(layer: DenseCache, lengths: jax.Array, *, n_chunks_kept: int,
     """Chunk indices [B, kvH, n_chunks_kept] to keep for one layer (sorted ascending)."""
     b, s, kv_heads, hd = layer.k.shape
     n_chunks = s // chunk_size
-    keys = layer.k[:, :n_chunks * chunk_size].astype(jnp.float32).reshape(b, n_chunks, chunk_size, kv_heads, hd)
-    valid = (jnp.arange(n_chunks * chunk_size).reshape(n_chunks, chunk_size)[None] < lengths[:, None, None])
-    count = valid.sum(-1)  # [B, C]
-    mean_key = (keys * valid[..., None, None]).sum(2) / jnp.maximum(count, 1)[..., None, None]  # [B, C, kvH, hd]
+    keys = layer.k[:, :n_chunks * chunk_size].reshape(b, n_chunks, chunk_size, kv_heads, hd)
+    # Unmasked means: every chunk that is scored lies wholly below `lengths` (the chunk holding
+    # the last token is always kept, later ones are never kept), so stale slots never count.
+    mean_key = keys.astype(jnp.float32).sum(2) / chunk_size  # [B, C, kvH, hd]
+    count = jnp.clip(lengths[:, None] - jnp.arange(n_chunks)[None, :] * chunk_size, 0, chunk_size)  # [B, C]
     groups = layer.query.shape[1] // kv_heads
     query = layer.query.reshape(b, kv_heads, groups, hd).mean(2)  # [B, kvH, hd]
     score = jnp.einsum("bckh,bkh->bkc", mean_key, query)
@@ -191,8 +192,9 @@ def build_retrieval(full: tuple[DenseCache, ...], lengths: jax.Array, empty: tup
         chunks = _select_chunks(layer, lengths, n_chunks_kept=n_kept, chunk_size=chunk_size,
                                 recent_chunks=recent_chunks)  # [B, kvH, n_kept]
         token = (chunks[..., None] * chunk_size + jnp.arange(chunk_size)).reshape(b, kv_heads, budget)
-        gather = jax.vmap(jax.vmap(lambda buf, idx: buf[idx], in_axes=(1, 0), out_axes=1), in_axes=(0, 0))
-        k_sel, v_sel = gather(layer.k, token), gather(layer.v, token)  # [B, budget, kvH, hd]
+        index = jnp.swapaxes(token, 1, 2)[..., None]  # [B, budget, kvH, 1]: gathers in the cache's own layout
+        k_sel = jnp.take_along_axis(layer.k, index, axis=1)  # [B, budget, kvH, hd]
+        v_sel = jnp.take_along_axis(layer.v, index, axis=1)
         pos = jnp.where(token < lengths[:, None, None], token, EMPTY).astype(jnp.int32)
         window_pos = jnp.full((b, kv_heads, rc.k.shape[1] - budget), EMPTY, jnp.int32)
         out.append(RetrievalCache(rc.k.at[:, :budget].set(k_sel.astype(rc.k.dtype)),
