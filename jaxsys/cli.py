@@ -114,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--retrieval-budget", type=int, default=256, help="tokens kept by the retrieval cache")
     spec.add_argument("--chunk-size", type=int, default=16, help="retrieval chunk size (divides the budget)")
     spec.add_argument("--draft-window", type=int, default=256, help="triforce: the draft's StreamingLLM window")
+    kv = g.add_argument_group("KV cache (paged; quantized pages; pages offloaded beyond a device budget)")
+    kv.add_argument("--kv-bits", type=int, default=None, choices=(16, 8, 4),
+                    help="page format: 16 = the compute dtype, 8 = int8, 4 = int4 (per-token-per-head scales); "
+                         "default: a dense cache")
+    kv.add_argument("--smooth-attention", action="store_true",
+                    help="fold SmoothAttention key scales into q/k first (calibrated on corpus text)")
+    kv.add_argument("--kv-offload", default="none", choices=("none", "host", "disk"),
+                    help="where pages beyond --device-kv-budget live")
+    kv.add_argument("--device-kv-budget", default=None, metavar="SIZE",
+                    help="device bytes for KV pages, e.g. 64MiB (needed for offloading to take effect)")
+    kv.add_argument("--kv-attend", default="near-data", choices=("near-data", "fetch"),
+                    help="offloaded pages: attend where they live and merge (near-data) or copy them to the "
+                         "device first (fetch)")
+    kv.add_argument("--kv-disk-path", default=None, metavar="DIR",
+                    help="folder for --kv-offload disk (default: a temporary folder)")
     _add_dtype(g)
 
     e = sub.add_parser("export", help="write a model as a Hugging Face Llama folder")
@@ -277,6 +292,10 @@ def cmd_generate(args) -> int:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
     model = ModelDef(config)
     params = loaded.params if loaded.params is not None else model.init(args.seed, shardings)
+    if args.smooth_attention:  # before weight quantization: it folds into the float q/k weights
+        if args.kv_bits not in (4, 8):
+            raise ValueError("--smooth-attention prepares keys for quantized pages; add --kv-bits 4 or 8")
+        params = _smooth_attention(config, params, loaded.tokenizer, quantized=kind == "quantized")
     if args.weights is not None:
         from jaxsys.quant.cli import quantize_for_generate
         params = quantize_for_generate(loaded.config, params, args.weights, method=args.weights_method,
@@ -284,12 +303,19 @@ def cmd_generate(args) -> int:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     eos_ids = tuple(getattr(loaded.tokenizer, "eos_ids", ()) or config.eos_ids)
     extra = {}
+    paged = args.kv_bits is not None or args.kv_offload != "none" or args.device_kv_budget is not None
     if args.speculative == "none":
         if args.draft is not None:
             raise ValueError("--draft needs --speculative draft or triforce")
         generator = Generator(model, params, max_len=len(prompt_ids) + args.max_new_tokens)
+        cache = _kv_cache(args, config, generator.max_len) if paged else None
         out = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                 eos_ids=eos_ids, ignore_eos=args.ignore_eos)
+                                 eos_ids=eos_ids, ignore_eos=args.ignore_eos, cache=cache)
+        if paged:
+            extra = _kv_report(generator.last_cache, args)
+    elif paged:
+        raise ValueError("--speculative runs on dense caches (rejected drafts roll back by position); "
+                         "drop the --kv-* options or --speculative")
     else:
         out, extra = _generate_speculative(args, model, params, prompt_ids, sampling, eos_ids)
     text = loaded.tokenizer.decode(out.token_ids) if loaded.tokenizer is not None else None
@@ -302,6 +328,48 @@ def cmd_generate(args) -> int:
         rate = f"{out.decode_tok_per_s:.1f} tok/s" if out.decode_tok_per_s else "one token"
         print(f"[{len(out.token_ids)} tokens, {rate}, stopped by {out.stopped_by}]", file=sys.stderr)
     return 0
+
+
+def _smooth_attention(config, params, tokenizer, *, quantized: bool):
+    from jaxsys.data import load_tokenizer
+    from jaxsys.quant.calibration import calibration_tokens
+    from jaxsys.quant.smooth_attention import smooth_attention
+
+    if quantized:
+        raise ValueError("--smooth-attention folds scales into float q/k weights; this checkpoint is already "
+                         "quantized (smooth its float source, or use --weights on the float model)")
+    tokens = calibration_tokens(tokenizer or load_tokenizer("byte"), batches=2)
+    smoothed, _, alphas = smooth_attention(config, params, tokens)
+    logging.getLogger("jaxsys").info("SmoothAttention alpha per layer: %s", alphas)
+    return smoothed
+
+
+def _kv_cache(args, config, max_len: int):
+    from jaxsys.kvcache.offload import build_kv_cache, parse_bytes
+
+    budget = parse_bytes(args.device_kv_budget) if args.device_kv_budget is not None else None
+    if args.kv_offload != "none" and budget is None:
+        raise ValueError(f"--kv-offload {args.kv_offload} moves pages beyond a device budget; "
+                         "give --device-kv-budget SIZE (e.g. 64MiB)")
+    disk = args.kv_disk_path
+    if args.kv_offload == "disk" and disk is None:
+        import tempfile
+        disk = tempfile.mkdtemp(prefix="jaxsys-kv-")
+    return build_kv_cache(config, 1, max_len, kv_bits=args.kv_bits or 16, offload=args.kv_offload,
+                          device_budget_bytes=budget, mode=args.kv_attend.replace("-", "_"), disk_path=disk,
+                          dtype=config.dtype)
+
+
+def _kv_report(cache, args) -> dict:
+    from jaxsys.kvcache.offload import device_kv_bytes, release, transfer_bytes
+    from jaxsys.kvcache.paged import check_overflow
+
+    if hasattr(cache[0], "overflow"):
+        check_overflow(cache)
+    report = {"kv": {"bits": args.kv_bits or 16, "offload": args.kv_offload, "device_bytes": device_kv_bytes(cache),
+                     "transfer_bytes": transfer_bytes(cache)}}
+    release(cache)
+    return report
 
 
 def parse_gamma(text: str, mode: str) -> tuple[int, int]:

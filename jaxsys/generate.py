@@ -56,12 +56,12 @@ class Generator:
         self.decoder = Decoder(model, params, self.max_len, batch=1, prefill_chunk=prefill_chunk)
         self._compiled: dict = {}
 
-    def _programs(self, prompt_width: int, chunk: int, max_new_tokens: int, stop_ids, sp: SamplingParams):
+    def _programs(self, prompt_width: int, chunk: int, max_new_tokens: int, stop_ids, sp: SamplingParams, cache):
         """Prefill and loop compiled ahead of time, so no compilation lands in a timed window."""
-        key = (prompt_width, chunk, max_new_tokens, stop_ids, sp.needs_filters())
+        cache = jax.eval_shape(lambda: cache)
+        key = (prompt_width, chunk, max_new_tokens, stop_ids, sp.needs_filters(), jax.tree.structure(cache))
         if key not in self._compiled:
             d, filters = self.decoder, sp.needs_filters()
-            cache = jax.eval_shape(d.new_cache)
             ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
             prefill = d.program("prefill", max_new_tokens=max_new_tokens, stop_ids=stop_ids, chunk=chunk,
                                 filters=filters).lower(self.params, cache, ints(1, prompt_width), ints(1), sp)
@@ -71,21 +71,24 @@ class Generator:
         return self._compiled[key]
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                 eos_ids: tuple[int, ...] = (), ignore_eos: bool = False) -> Generation:
+                 eos_ids: tuple[int, ...] = (), ignore_eos: bool = False, cache=None) -> Generation:
+        """`cache`: any KV cache of this decoder's batch and length (paged, quantized, tiered);
+        the default is a dense float cache. It is donated: the one in use is `self.last_cache`."""
         self.decoder.check([prompt_ids], max_new_tokens)
         chunk = self.decoder._chunk(max(len(prompt_ids), 1))
         tokens, lengths = pad_prompts([prompt_ids], chunk, vocab=self.model.config.vocab_size)
         stop_ids = () if ignore_eos else tuple(sorted(set(eos_ids)))
         sp = sampling.params(1)
-        prefill, loop = self._programs(tokens.shape[1], chunk, max_new_tokens, stop_ids, sp)
+        cache = self.decoder.new_cache() if cache is None else cache
+        prefill, loop = self._programs(tokens.shape[1], chunk, max_new_tokens, stop_ids, sp, cache)
         tokens, lengths, limit = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray([max_new_tokens], jnp.int32)
-        cache = self.decoder.new_cache()
         t0 = time.perf_counter()
         first, cache = prefill(self.params, cache, tokens, lengths, sp)
         first.block_until_ready()
         t1 = time.perf_counter()
         out = loop(self.params, cache, first, lengths, sp, limit)
         ids = np.asarray(out.tokens[0])  # on the host: the last token has arrived
+        self.last_cache = out.cache
         t2 = time.perf_counter()
         n = int(out.lengths[0])
         rate = (n - 1) / (t2 - t1) if n > 1 and t2 > t1 else None

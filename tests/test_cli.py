@@ -80,6 +80,21 @@ def test_speculative_generate_from_the_cli_equals_plain_greedy(trained, tmp_path
     assert missing.returncode != 0 and "needs --draft" in missing.stderr
 
 
+def test_generate_with_quantized_and_offloaded_kv_pages(trained):
+    """Host-offloaded float pages give the dense cache's tokens; int8 pages report their bytes."""
+    ckpt, _, _ = trained
+    common = ["generate", "--model", ckpt, "--prompt-ids", ",".join(["257"] + ["81"] * 40), "--max-new-tokens", 8,
+              "--ignore-eos", "--json"]
+    dense = json.loads(jaxsys(*common).stdout)
+    host = json.loads(jaxsys(*common, "--kv-bits", 16, "--kv-offload", "host", "--device-kv-budget", "20KiB").stdout)
+    assert host["token_ids"] == dense["token_ids"]
+    assert host["kv"]["device_bytes"] <= 20 * 1024 and host["kv"]["transfer_bytes"]["device_to_host"] > 0
+    int8 = json.loads(jaxsys(*common, "--kv-bits", 8).stdout)
+    assert len(int8["token_ids"]) == 8 and int8["kv"]["transfer_bytes"]["host_to_device"] == 0
+    bad = jaxsys(*common, "--kv-offload", "disk", check=False)
+    assert bad.returncode != 0 and "--device-kv-budget" in bad.stderr
+
+
 def test_generate_text_prompt_with_byte_tokenizer(trained):
     ckpt, _, _ = trained
     out = json.loads(jaxsys("generate", "--model", ckpt, "--prompt", "Question:", "--max-new-tokens", 4,

@@ -1,0 +1,193 @@
+"""Decode attention over paged KV on a GPU: bf16, int8 and int4 pages against JAX's paged attention.
+
+One query token per sequence over Llama-3-8B-shaped pages (32 query heads, 8 KV heads,
+head_dim 128, pages of 16 tokens), one layer, at 4K, 32K and 128K tokens of context and
+batch 1 and 16. Methods, each on the same pages in the same process:
+
+- ``ours_{bf16,int8,int4}``: `pallas_kernels.quant_attention.paged_decode_attention`
+  (the split-K Pallas kernel, dequantizing pages in registers);
+- ``jax_{bf16,int8}``: `jax.experimental.pallas.ops.gpu.paged_attention` (bf16 pages,
+  and int8 pages with its per-token scales), where it runs;
+- ``jnp_{bf16,int8,int4}``: the pure-jnp reference (pages gathered and dequantized to
+  float32 first), where its float32 copy of the context fits in memory.
+
+The HBM roofline fraction is the bytes a method must read (its pages for the valid
+tokens, scales included, plus queries and outputs) per second over the copy bandwidth
+measured in the same run. Small problems are timed over many distinct page pools so the
+pages come from HBM, not L2. Each kernel is first checked against the reference on the
+same pages (max |kernel - reference| / max |reference|).
+
+    python -m experiments.attention_gpu [--quick] [--out experiments/results/attention_gpu.json]
+
+GPU only: without one it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+CONTEXTS = (4096, 32768, 131072)
+BATCHES = (1, 16)
+HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
+FORMATS = {"bf16": "float", "int8": "int8", "int4": "int4"}
+SET_BYTES_TARGET = 512 << 20  # bytes of distinct pages per timed call
+MAX_SETS = 16
+REFERENCE_BYTES_LIMIT = 24 << 30  # the jnp reference materializes the context in float32
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((1 << 29,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 2)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def make_problem(context: int, batch: int, fmt: str, seed: int):
+    """(q, k_pages, v_pages, table, lengths, bytes read): every sequence `context` tokens, pages shuffled."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.quant_attention import quantize_kv
+
+    fmt = FORMATS[fmt]
+    slots = context // PAGE_SIZE
+    num_pages = batch * slots
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    shape = (KV_HEADS, num_pages, PAGE_SIZE, HEAD_DIM)
+    make = jax.jit(lambda key: quantize_kv(jax.random.normal(key, shape, jnp.bfloat16), fmt))
+    k, v = make(kk), make(kv)
+    q = jax.random.normal(kq, (batch, HEADS, HEAD_DIM), jnp.bfloat16)
+    table = jnp.asarray(np.random.default_rng(seed).permutation(num_pages).reshape(batch, slots), jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    read = sum(x.nbytes for x in (*k, *v)) + 2 * q.nbytes + table.nbytes
+    return q, k, v, table, lengths, read
+
+
+def methods_for(fmt_name: str):
+    """{method: fn(q, k, v, table, lengths) -> out} for one page format."""
+    from pallas_kernels.quant_attention import paged_decode_attention
+    from pallas_kernels.quant_attention.formats import SIDE_ARRAYS
+
+    fmt = FORMATS[fmt_name]
+
+    def ours(impl):
+        def fn(q, k, v, table, lengths):
+            side = {f"{w}_{n}": arr for w, pages in (("k", k), ("v", v)) for n, arr in zip(SIDE_ARRAYS[fmt], pages[1:])}
+            return paged_decode_attention(q, k[0], v[0], table, lengths, fmt=fmt, impl=impl, **side)[0]
+        return fn
+
+    out = {f"ours_{fmt_name}": ours("pallas"), f"jnp_{fmt_name}": ours("reference")}
+    if fmt_name in ("bf16", "int8"):
+        from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+        def jax_fn(q, k, v, table, lengths):
+            scales = {} if fmt == "float" else {"k_scales_pages": k[1], "v_scales_pages": v[1]}
+            q = (q * (1 / math.sqrt(q.shape[-1]))).astype(q.dtype)  # it leaves the softmax scale to the caller
+            return jax_paged.paged_attention(q, k[0], v[0], table, lengths, **scales)
+        out[f"jax_{fmt_name}"] = jax_fn
+    return out
+
+
+def time_per_call(fn, sets, repeats: int, queued: int = 5) -> float:
+    """Median seconds per attention: one jitted call runs fn on every (distinct) set."""
+    import jax
+
+    run_all = jax.jit(lambda sets: [fn(*s) for s in sets])
+    jax.block_until_ready(run_all(sets))  # compile
+    jax.block_until_ready(run_all(sets))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(queued):
+            out = run_all(sets)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / (queued * len(sets)))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4K and 32K only")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="experiments/results/attention_gpu.json")
+    args = parser.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    if jax.default_backend() != "gpu":
+        print(f"attention_gpu needs a GPU; the default backend here is {jax.default_backend()}, skipping")
+        print(json.dumps({"experiment": "attention_gpu", "skipped": "no GPU"}))
+        return 0
+
+    device = jax.devices()[0].device_kind
+    bandwidth = copy_bandwidth(args.repeats)
+    contexts = CONTEXTS[:2] if args.quick else CONTEXTS
+    rows, checks = [], {}
+    for context in contexts:
+        for batch in BATCHES:
+            for fmt_name in FORMATS:
+                q, k, v, table, lengths, read = make_problem(context, batch, fmt_name, seed=context + batch)
+                n_sets = max(1, min(MAX_SETS, SET_BYTES_TARGET // read))
+                sets = [(q, k, v, table, lengths)] + [
+                    make_problem(context, batch, fmt_name, seed=context + batch + i)[:5] for i in range(1, n_sets)]
+                reference = None
+                fits = batch * context * KV_HEADS * HEAD_DIM * 4 * 3 <= REFERENCE_BYTES_LIMIT
+                for method, fn in methods_for(fmt_name).items():
+                    if method.startswith("jnp") and not fits:
+                        continue
+                    try:
+                        if reference is None and fits:
+                            reference = np.asarray(jax.jit(methods_for(fmt_name)[f"jnp_{fmt_name}"])(
+                                q, k, v, table, lengths), np.float32)
+                        got = np.asarray(jax.jit(fn)(q, k, v, table, lengths), np.float32)
+                        error = (float(np.abs(got - reference).max() / np.abs(reference).max())
+                                 if reference is not None else None)
+                        seconds = time_per_call(fn, sets, args.repeats)
+                    except Exception as e:  # noqa: BLE001 -- a method that does not run here is reported
+                        print(f"{method} at {context} x {batch}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                        rows.append({"method": method, "context": context, "batch": batch, "error": str(e)[:300]})
+                        continue
+                    checks[f"{method}@{context}x{batch}"] = error
+                    rows.append({"method": method, "format": fmt_name, "context": context, "batch": batch,
+                                 "us": seconds * 1e6, "bytes": read, "gb_per_s": read / seconds / 1e9,
+                                 "roofline": read / seconds / bandwidth, "max_rel_error": error})
+                    print(f"{method:<12}{context:>8}{batch:>4}{seconds * 1e6:>12.1f} us"
+                          f"{read / seconds / 1e9:>9.0f} GB/s{read / seconds / bandwidth:>7.0%}"
+                          f"  err {error if error is None else f'{error:.1e}'}", file=sys.stderr)
+
+    print(f"decode attention on {device} (copy bandwidth {bandwidth / 1e9:.0f} GB/s), "
+          f"{HEADS} heads / {KV_HEADS} KV heads, head_dim {HEAD_DIM}, pages of {PAGE_SIZE}")
+    print(f"{'method':<12}{'context':>8}{'batch':>6}{'us':>11}{'GB/s':>8}{'roofline':>10}")
+    for r in rows:
+        if "us" in r:
+            print(f"{r['method']:<12}{r['context']:>8}{r['batch']:>6}{r['us']:>11.1f}{r['gb_per_s']:>8.0f}"
+                  f"{r['roofline']:>10.1%}")
+        else:
+            print(f"{r['method']:<12}{r['context']:>8}{r['batch']:>6}  did not run: {r['error'][:60]}")
+    result = {"experiment": "attention_gpu", "device": device, "jax": jax.__version__,
+              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "checks": checks}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
