@@ -3,8 +3,9 @@
 Builds one random-weight Llama in Hugging Face format (~46M parameters: 12 layers, hidden
 512, GQA 8 query / 4 KV heads, intermediate 1536, vocab 8192), saves it with
 `save_pretrained`, loads that folder into jaxsys, and decodes the same prompt greedily
-at batch 1 with both, in float32 on the same CPU threads. Each side runs once to warm up
-(jaxsys compiles; torch allocates), then `--repeats` timed runs; the figure is the best.
+at batch 1 with both, in float32 on the same number of CPU threads. Each side runs once to
+warm up (jaxsys compiles; torch allocates), then `--repeats` timed runs of each, interleaved;
+the figure is the median.
 Time is prompt submitted -> all tokens on the host, prefill included, for both.
 
     python -m experiments.decode_vs_hf [--quick] [--new-tokens 128] [--prompt-len 32]
@@ -43,13 +44,10 @@ def build_hf_checkpoint(folder: str, *, layers: int, seed: int) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def time_best(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def main(argv=None) -> int:
@@ -57,11 +55,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 layers, 32 new tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side, interleaved; the median counts")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for each side (XLA intra-op and torch); 1 keeps the comparison steady "
+                             "on a shared machine")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     layers, new_tokens = (4, 32) if args.quick else (12, args.new_tokens)
 
+    if args.threads == 1:  # before JAX starts: XLA reads its flags once
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     import numpy as np
     import torch
 
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
     from jaxsys.loading import load_model
     from jaxsys.model import ModelDef
 
-    threads = os.cpu_count() or 1
+    threads = args.threads
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
         build_hf_checkpoint(folder, layers=layers, seed=args.seed)
@@ -98,17 +102,22 @@ def main(argv=None) -> int:
         return out[0, len(prompt):].tolist()
 
     run_jaxsys(), run_hf()  # warm-up: compile / allocate
-    jaxsys_s, jaxsys_tokens = time_best(run_jaxsys, args.repeats)
-    hf_s, hf_tokens = time_best(run_hf, args.repeats)
+    runs = {"jaxsys": [], "hf": []}
+    for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits both sides
+        (t, jaxsys_tokens), (u, hf_tokens) = timed(run_jaxsys), timed(run_hf)
+        runs["jaxsys"].append(t)
+        runs["hf"].append(u)
+    jaxsys_s, hf_s = float(np.median(runs["jaxsys"])), float(np.median(runs["hf"]))
     agree = jaxsys_tokens == hf_tokens
     first_diff = None if agree else next(i for i, (a, b) in enumerate(zip(jaxsys_tokens, hf_tokens)) if a != b)
     result = {
         "experiment": "decode_vs_hf", "quick": args.quick, "params": params_count, "layers": layers,
         "prompt_tokens": args.prompt_len, "new_tokens": new_tokens, "batch": 1, "dtype": "float32",
-        "jaxsys_s": jaxsys_s, "hf_s": hf_s,
+        "jaxsys_s": jaxsys_s, "hf_s": hf_s, "runs_s": runs,
         "jaxsys_tok_per_s": new_tokens / jaxsys_s, "hf_tok_per_s": new_tokens / hf_s,
         "ratio": hf_s / jaxsys_s, "tokens_agree": agree, "first_difference": first_diff,
-        "machine": f"{platform.machine()}, {threads} CPU threads, {jax.devices()[0].platform}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} thread(s) per side, "
+                   f"{jax.devices()[0].platform}",
         "versions": {"jax": jax.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }

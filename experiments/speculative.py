@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         "configs": {m: {k: v for k, v in vars(c).items() if k != "residual"} for m, c in configs.items()},
         "target_params": target.config.num_params, "draft_params": draft.config.num_params,
         "kv_weight_ratio": {str(c): kv_weight_ratio(target.config, c) for c in contexts},
-        "context_gain": {"window": gain["window"], "full_loss": gain["full"]["overall"],
+        "context_gain": {"window": 512, "full_loss": gain["full"]["overall"],
                          "window_loss": gain["window"]["overall"],
                          "restated_full_loss": gain["full"]["restated"],
                          "restated_window_loss": gain["window"]["restated"]},
