@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
+
+from experiments.gpu_timing import copy_bandwidth, time_per_call
 
 CONTEXTS = (4096, 32768, 131072)
 BATCHES = (1, 16)
@@ -38,22 +38,6 @@ FORMATS = {"bf16": "float", "int8": "int8", "int4": "int4"}
 SET_BYTES_TARGET = 512 << 20  # bytes of distinct pages per timed call
 MAX_SETS = 16
 REFERENCE_BYTES_LIMIT = 24 << 30  # the jnp reference materializes the context in float32
-
-
-def copy_bandwidth(repeats: int) -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((1 << 29,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * 2)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / statistics.median(times)
 
 
 def make_problem(context: int, batch: int, fmt: str, seed: int):
@@ -101,23 +85,6 @@ def methods_for(fmt_name: str):
             return jax_paged.paged_attention(q, k[0], v[0], table, lengths, **scales)
         out[f"jax_{fmt_name}"] = jax_fn
     return out
-
-
-def time_per_call(fn, sets, repeats: int, queued: int = 5) -> float:
-    """Median seconds per attention: one jitted call runs fn on every (distinct) set."""
-    import jax
-
-    run_all = jax.jit(lambda sets: [fn(*s) for s in sets])
-    jax.block_until_ready(run_all(sets))  # compile
-    jax.block_until_ready(run_all(sets))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(queued):
-            out = run_all(sets)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / (queued * len(sets)))
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

@@ -27,9 +27,9 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
-import time
+
+from experiments.gpu_timing import copy_bandwidth, time_per_call
 
 DECODE_M = (1, 8, 16, 64)
 PREFILL_M = (1024,)
@@ -51,39 +51,6 @@ def _sweep_candidates(M: int):
         shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
                   (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)]
     return [None] + [BlockSizes(*s) for s in shapes]
-
-
-def copy_bandwidth(repeats: int) -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((1 << 29,), jnp.bfloat16)  # 1 GiB
-    copy = jax.jit(lambda a: a * 2)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / statistics.median(times)
-
-
-def time_per_call(fn, arg_sets, repeats: int, queued: int = 5) -> float:
-    """Median seconds per GEMM: one jitted call runs fn on every (distinct) set."""
-    import jax
-
-    run_all = jax.jit(lambda sets: [fn(*args) for args in sets])
-    jax.block_until_ready(run_all(arg_sets))  # compile
-    jax.block_until_ready(run_all(arg_sets))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(queued):
-            out = run_all(arg_sets)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / (queued * len(arg_sets)))
-    return statistics.median(times)
 
 
 def make_method(method: str, M: int, N: int, K: int, seed: int):

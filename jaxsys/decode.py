@@ -136,6 +136,23 @@ def pad_prompts(prompts: list[list[int]], multiple: int, *, vocab: int, pad: int
     return out, np.asarray([len(p) for p in prompts], np.int32)
 
 
+def check_request(prompts: list[list[int]], max_new_tokens: int, *, batch: int, max_len: int) -> None:
+    """Host-side checks of a generation request against a compiled batch size and cache length."""
+    if len(prompts) != batch:
+        raise ValueError(f"this decoder was built for batch {batch}, got {len(prompts)} prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > max_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the cache "
+                         f"length {max_len}; shorten one of them or build the decoder with a longer max_len")
+
+
+def prefill_chunk_for(longest: int, limit: int) -> int:
+    """Tokens per prefill forward: the longest prompt rounded up to a power of two, at most `limit`."""
+    return min(limit, 1 << max(0, (max(longest, 1) - 1).bit_length()))
+
+
 @dataclass
 class Decoder:
     """Compiled generation for one model, batch size and cache length.
@@ -158,17 +175,10 @@ class Decoder:
         return jax.jit(lambda: dense_cache(self.model.config, self.batch, self.max_len))()
 
     def _chunk(self, longest: int) -> int:
-        return min(self.prefill_chunk, 1 << max(0, (longest - 1).bit_length()))
+        return prefill_chunk_for(longest, self.prefill_chunk)
 
     def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        if len(prompts) != self.batch:
-            raise ValueError(f"this decoder was built for batch {self.batch}, got {len(prompts)} prompts")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        longest = max((len(p) for p in prompts), default=0)
-        if longest + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the cache "
-                             f"length {self.max_len}; shorten one of them or build the decoder with a longer max_len")
+        check_request(prompts, max_new_tokens, batch=self.batch, max_len=self.max_len)
 
     def program(self, name: str, *, max_new_tokens: int, stop_ids: tuple[int, ...], chunk: int, filters: bool):
         key = (name, max_new_tokens, stop_ids, chunk, filters)

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsys.decode import STOP_LENGTH, STOP_TOKEN, Decoded, forward, pad_prompts, prefill
+from jaxsys.decode import (STOP_LENGTH, STOP_TOKEN, Decoded, check_request, forward, pad_prompts,
+                           prefill, prefill_chunk_for)
 from jaxsys.kvcache import build_retrieval, dense_cache, retrieval_cache, streaming_cache
 from jaxsys.model import ModelDef
 from jaxsys.sampling import ACCEPT, DRAFT, RESIDUAL, SamplingParams, draw, row_keys, warp
@@ -393,15 +394,8 @@ class SpeculativeDecoder:
     def prepare(self, prompts: list[list[int]], *, max_new_tokens: int, sampling: SamplingParams | None = None,
                 stop_ids: tuple[int, ...] = (), max_new: list[int] | None = None):
         """(prefill, loop, caches, prompt arrays, sampling, limits) for a batch of prompts, inputs checked."""
-        if len(prompts) != self.batch:
-            raise ValueError(f"this decoder was built for batch {self.batch}, got {len(prompts)} prompts")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        longest = max((len(p) for p in prompts), default=0)
-        if longest + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the cache "
-                             f"length {self.max_len}; shorten one of them or build the decoder with a longer max_len")
-        chunk = min(self.prefill_chunk, 1 << max(0, (max(longest, 1) - 1).bit_length()))
+        check_request(prompts, max_new_tokens, batch=self.batch, max_len=self.max_len)
+        chunk = prefill_chunk_for(max(len(p) for p in prompts), self.prefill_chunk)
         draft_chunk = chunk
         if self.config.mode == "triforce":  # a prefill chunk must fit the draft's ring window
             draft_chunk = min(chunk, 1 << (self.config.draft_window.bit_length() - 1))
