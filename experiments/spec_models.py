@@ -33,56 +33,81 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxsys.config import BYTE_VOCAB_PADDED, ModelConfig
-from jaxsys.data.longctx import MAX_BYTES, MIN_BYTES, LongContextBatches, LongDocument, heldout_documents
+from jaxsys.data.longctx import (
+    MAX_BYTES,
+    MIN_BYTES,
+    PARAGRAPH_SENTENCES,
+    CopyDrillBatches,
+    LongContextBatches,
+    LongDocument,
+    heldout_documents,
+)
 
 TARGET = ModelConfig(
-    vocab_size=BYTE_VOCAB_PADDED, dim=128, n_layers=4, n_heads=2, n_kv_heads=2, head_dim=64,
-    ffn_dim=384, rope_theta=500_000.0, max_seq_len=8192, tie_embeddings=True,
-    bos_id=257, eos_ids=(258,), tokenizer="byte",
+    vocab_size=BYTE_VOCAB_PADDED, dim=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,
+    ffn_dim=384, max_seq_len=8192, tie_embeddings=True, bos_id=257, eos_ids=(258,), tokenizer="byte",
 )
-DRAFT = replace(TARGET, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, ffn_dim=192,
-                rope_theta=10_000.0)
+DRAFT = replace(TARGET, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, ffn_dim=192)
 
 # --quick: the same recipe, tiny, for smoke tests (about a minute on 2 cores).
-QUICK_TARGET = replace(TARGET, dim=64, n_layers=2, head_dim=32, ffn_dim=128)
+QUICK_TARGET = replace(TARGET, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128)
 QUICK_DRAFT = replace(DRAFT, dim=32, n_layers=1, head_dim=8, ffn_dim=64)
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One training run: its folder name, data and schedule."""
+    """One training run: its folder name, schedule and data."""
 
     name: str
     steps: int
     seq_len: int
     batch_size: int
-    min_bytes: int
-    max_bytes: int
     learning_rate: float
     warmup_steps: int
+    data: str = "corpus"  # "corpus": `LongContextBatches`; "copy": `CopyDrillBatches`
+    min_bytes: int = MIN_BYTES
+    max_bytes: int = MAX_BYTES
+    paragraph_sentences: tuple[int, int] = PARAGRAPH_SENTENCES
+
+    def batches(self):
+        if self.data == "copy":
+            return CopyDrillBatches(self.seq_len, self.batch_size, seed=DATA_SEED)
+        return LongContextBatches(self.seq_len, self.batch_size, seed=DATA_SEED, min_bytes=self.min_bytes,
+                                  max_bytes=self.max_bytes, paragraph_sentences=self.paragraph_sentences)
+
+    def data_meta(self) -> dict:
+        """What decides the data, as saved in checkpoint meta (JSON: lists, not tuples)."""
+        if self.data == "copy":
+            return {"corpus": "copy-drill", "seed": DATA_SEED}
+        return {"corpus": "longctx", "seed": DATA_SEED, "min_bytes": self.min_bytes,
+                "max_bytes": self.max_bytes, "paragraph_sentences": list(self.paragraph_sentences)}
 
 
-SHORT_DOCS = dict(min_bytes=500, max_bytes=1000)  # a 512-token window holds a whole register
-LONG_DOCS = dict(min_bytes=MIN_BYTES, max_bytes=MAX_BYTES)
+DATA_SEED = 0
+SHORT_DOCS = dict(min_bytes=500, max_bytes=1000)  # a 512-token window holds a whole document
+DENSE = (1, 2)  # filler sentences per paragraph: a fact mention every ~150 bytes
+MID_DOCS = dict(min_bytes=2000, max_bytes=4000)  # a 2048-token window: restatements ~2000 back
 
+# The target's recipe: copying forms on the drill, then the corpus teaches it to find
+# facts by their names, first in short dense documents, then across 2048 tokens.
 RECIPES: dict[bool, dict[str, tuple[ModelConfig, tuple[Phase, ...]]]] = {
     False: {
-        "draft": (DRAFT, (Phase("draft", 400, 512, 8, **SHORT_DOCS, learning_rate=3e-3, warmup_steps=20),)),
         "target": (TARGET, (
-            Phase("target-short", 450, 512, 8, **SHORT_DOCS, learning_rate=3e-3, warmup_steps=30),
-            Phase("target", 100, 2048, 4, **LONG_DOCS, learning_rate=1e-3, warmup_steps=10),
+            Phase("target-copy", 800, 128, 16, 1e-3, 20, data="copy"),
+            Phase("target-short", 300, 512, 8, 1e-3, 20, **SHORT_DOCS, paragraph_sentences=DENSE),
+            Phase("target", 150, 2048, 2, 1e-3, 10, **MID_DOCS),
         )),
+        "draft": (DRAFT, (Phase("draft", 400, 512, 8, 3e-3, 20, **SHORT_DOCS),)),
     },
     True: {
-        "draft": (QUICK_DRAFT, (Phase("quick-draft", 20, 256, 4, **SHORT_DOCS, learning_rate=3e-3,
-                                      warmup_steps=5),)),
         "target": (QUICK_TARGET, (
-            Phase("quick-target-short", 20, 256, 4, **SHORT_DOCS, learning_rate=3e-3, warmup_steps=5),
-            Phase("quick-target", 6, 1024, 2, **LONG_DOCS, learning_rate=1e-3, warmup_steps=2),
+            Phase("quick-target-copy", 20, 128, 8, 1e-3, 5, data="copy"),
+            Phase("quick-target-short", 15, 256, 4, 1e-3, 5, **SHORT_DOCS, paragraph_sentences=DENSE),
+            Phase("quick-target", 5, 1024, 2, 1e-3, 2, **MID_DOCS),
         )),
+        "draft": (QUICK_DRAFT, (Phase("quick-draft", 20, 256, 4, 3e-3, 5, **SHORT_DOCS),)),
     },
 }
-DATA_SEED = 0
 
 
 def kv_weight_ratio(config: ModelConfig, tokens: int = 4096) -> float:
@@ -92,8 +117,7 @@ def kv_weight_ratio(config: ModelConfig, tokens: int = 4096) -> float:
 
 
 def _phase_meta(phase: Phase) -> dict:
-    return {"data": {"corpus": "longctx", "seed": DATA_SEED, "min_bytes": phase.min_bytes,
-                     "max_bytes": phase.max_bytes}, "phase": phase.name}
+    return {"data": phase.data_meta(), "phase": phase.name}
 
 
 def _finished(folder: Path, config: ModelConfig, phase: Phase) -> bool:
@@ -119,8 +143,7 @@ def _train_phase(folder: Path, config: ModelConfig, phase: Phase, init_from: Pat
     tc = TrainConfig(steps=phase.steps, batch_size=phase.batch_size, seq_len=phase.seq_len,
                      learning_rate=phase.learning_rate, warmup_steps=phase.warmup_steps,
                      seed=DATA_SEED, log_every=25, ckpt_every=50, keep_last=1)
-    data = LongContextBatches(phase.seq_len, phase.batch_size, seed=DATA_SEED,
-                              min_bytes=phase.min_bytes, max_bytes=phase.max_bytes)
+    data = phase.batches()
     init_params = None
     resuming = (folder.exists() and any(p.name.isdigit() for p in folder.iterdir()))
     if init_from is not None and not resuming:
@@ -129,6 +152,8 @@ def _train_phase(folder: Path, config: ModelConfig, phase: Phase, init_from: Pat
         + (f", from {init_from.name}" if init_params is not None else ""))
     result = train(config, tc, mesh, data, ckpt_dir=folder, resume=True, meta=_phase_meta(phase),
                    init_params=init_params)
+    if result.stopped_by_signal:
+        raise RuntimeError(f"{phase.name} stopped by SIGTERM at step {result.end_step}; run again to resume")
     log(f"{phase.name}: loss {np.mean(result.losses[-10:]):.3f} at step {result.end_step}, "
         f"{result.tokens_per_s:.0f} tokens/s")
 

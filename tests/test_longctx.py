@@ -8,6 +8,7 @@ from jaxsys.data import ByteTokenizer
 from jaxsys.data.longctx import (
     MAX_BYTES,
     MIN_BYTES,
+    CopyDrillBatches,
     LongContextBatches,
     heldout_documents,
     training_document,
@@ -100,6 +101,30 @@ def test_batches_are_deterministic_windows_from_document_starts():
         assert row[len(first)] == ByteTokenizer.bos_id  # then another one, to fill the window
     with pytest.raises(ValueError, match="min_bytes"):
         LongContextBatches(64, 2, min_bytes=100)
+
+
+def test_denser_paragraphs_mention_facts_more_often():
+    sparse = [training_document(i, min_bytes=2000, max_bytes=2000) for i in range(20)]
+    dense = [training_document(i, min_bytes=2000, max_bytes=2000, paragraph_sentences=(1, 2))
+             for i in range(20)]
+    assert sum(len(d.restatements) for d in dense) > 2 * sum(len(d.restatements) for d in sparse)
+    with pytest.raises(ValueError, match="paragraph_sentences"):
+        training_document(0, paragraph_sentences=(3, 2))
+
+
+def test_copy_drill_repeats_one_random_string_per_window():
+    drill = CopyDrillBatches(seq_len=200, batch_size=4, seed=0)
+    batch = drill.batch(1)
+    assert batch.shape == (4, 201) and batch.dtype == np.int32
+    assert np.array_equal(batch, CopyDrillBatches(200, 4).batch(1))
+    periods = set()
+    for row in batch:
+        assert row[0] == ByteTokenizer.bos_id
+        text = row[1:]
+        assert ((text >= ord("a")) & (text <= ord("z"))).all()
+        period = next(p for p in range(8, 41) if np.array_equal(text[p:], text[:-p]))
+        periods.add(period)
+    assert len(periods) > 1  # no fixed offset to copy from
 
 
 def test_benchmark_pair_is_shaped_for_triforce():
