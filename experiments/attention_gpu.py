@@ -92,7 +92,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="4K and 32K only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="experiments/results/attention_gpu.json")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting new problems after this many seconds (what ran is reported)")
     args = parser.parse_args(argv)
+
+    import time
 
     import jax
     import numpy as np
@@ -103,12 +107,16 @@ def main(argv=None) -> int:
         return 0
 
     device = jax.devices()[0].device_kind
+    start = time.perf_counter()
     bandwidth = copy_bandwidth(args.repeats)
     contexts = CONTEXTS[:2] if args.quick else CONTEXTS
-    rows, checks = [], {}
+    rows, checks, stopped = [], {}, False
     for context in contexts:
         for batch in BATCHES:
             for fmt_name in FORMATS:
+                if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                    stopped = True
+                    break
                 q, k, v, table, lengths, read = make_problem(context, batch, fmt_name, seed=context + batch)
                 n_sets = max(1, min(MAX_SETS, SET_BYTES_TARGET // read))
                 sets = [(q, k, v, table, lengths)] + [
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
         else:
             print(f"{r['method']:<12}{r['context']:>8}{r['batch']:>6}  did not run: {r['error'][:60]}")
     result = {"experiment": "attention_gpu", "device": device, "jax": jax.__version__,
-              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "checks": checks}
+              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "checks": checks, "stopped_by_budget": stopped}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
