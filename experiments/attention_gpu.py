@@ -62,20 +62,38 @@ def make_problem(context: int, batch: int, fmt: str, seed: int):
     return q, k, v, table, lengths, read
 
 
-def methods_for(fmt_name: str):
+# (pages_per_block, num_warps, programs aimed at) tried by --sweep; None: the defaults
+SWEEP = (None, (4, 4, 128), (8, 4, 2048), (16, 8, 2048), (8, 8, 512), (16, 4, 1024))
+
+
+def tuning(candidate, batch: int, context: int):
+    """kwargs of `paged_decode_attention` for a sweep candidate (None: its defaults)."""
+    if candidate is None:
+        return {}
+    from pallas_kernels.quant_attention.kernel import BlockSizes
+
+    pages_per_block, num_warps, programs = candidate
+    num_blocks = -(-context // PAGE_SIZE // pages_per_block)
+    splits = max(1, min(num_blocks, -(-programs // (batch * KV_HEADS))))
+    return {"block_sizes": BlockSizes(pages_per_block=pages_per_block, num_warps=num_warps),
+            "num_splits": splits}
+
+
+def methods_for(fmt_name: str, tune: dict | None = None):
     """{method: fn(q, k, v, table, lengths) -> out} for one page format."""
     from pallas_kernels.quant_attention import paged_decode_attention
     from pallas_kernels.quant_attention.formats import SIDE_ARRAYS
 
     fmt = FORMATS[fmt_name]
 
-    def ours(impl):
+    def ours(impl, extra=None):
         def fn(q, k, v, table, lengths):
             side = {f"{w}_{n}": arr for w, pages in (("k", k), ("v", v)) for n, arr in zip(SIDE_ARRAYS[fmt], pages[1:])}
-            return paged_decode_attention(q, k[0], v[0], table, lengths, fmt=fmt, impl=impl, **side)[0]
+            return paged_decode_attention(q, k[0], v[0], table, lengths, fmt=fmt, impl=impl, **side,
+                                          **(extra or {}))[0]
         return fn
 
-    out = {f"ours_{fmt_name}": ours("pallas"), f"jnp_{fmt_name}": ours("reference")}
+    out = {f"ours_{fmt_name}": ours("pallas", tune), f"jnp_{fmt_name}": ours("reference")}
     if fmt_name in ("bf16", "int8"):
         from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
@@ -92,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="4K and 32K only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="experiments/results/attention_gpu.json")
+    parser.add_argument("--sweep", action="store_true",
+                        help="first pick our kernel's block sizes and splits per (format, batch) at 32K")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new problems after this many seconds (what ran is reported)")
     args = parser.parse_args(argv)
@@ -110,6 +130,28 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     bandwidth = copy_bandwidth(args.repeats)
     contexts = CONTEXTS[:2] if args.quick else CONTEXTS
+    chosen, sweep_rows = {}, []  # (format, batch) -> the fastest sweep candidate at 32K
+    for batch in BATCHES if args.sweep else ():
+        for fmt_name in FORMATS:
+            problem = make_problem(32768, batch, fmt_name, seed=7)
+            n_sets = max(1, min(MAX_SETS, SET_BYTES_TARGET // problem[5]))
+            sets = [problem[:5]] + [make_problem(32768, batch, fmt_name, seed=7 + i)[:5] for i in range(1, n_sets)]
+            best = (float("inf"), None)
+            for candidate in SWEEP:
+                fn = methods_for(fmt_name, tuning(candidate, batch, 32768))[f"ours_{fmt_name}"]
+                try:
+                    seconds = time_per_call(fn, sets, args.repeats)
+                except Exception as e:  # noqa: BLE001 -- a candidate that does not compile is skipped
+                    print(f"sweep {fmt_name} x {batch} {candidate}: {type(e).__name__}: {str(e)[:150]}",
+                          file=sys.stderr)
+                    continue
+                sweep_rows.append({"format": fmt_name, "batch": batch, "candidate": candidate,
+                                   "us": seconds * 1e6})
+                print(f"sweep {fmt_name:<5} batch {batch:>2} {str(candidate):<16} {seconds * 1e6:9.1f} us",
+                      file=sys.stderr)
+                best = min(best, (seconds, candidate), key=lambda b: b[0])
+            chosen[fmt_name, batch] = best[1]
+            del sets, problem
     rows, checks, stopped = [], {}, False
     for context in contexts:
         for batch in BATCHES:
@@ -123,7 +165,8 @@ def main(argv=None) -> int:
                     make_problem(context, batch, fmt_name, seed=context + batch + i)[:5] for i in range(1, n_sets)]
                 reference = None
                 fits = batch * context * KV_HEADS * HEAD_DIM * 4 * 3 <= REFERENCE_BYTES_LIMIT
-                for method, fn in methods_for(fmt_name).items():
+                tune = tuning(chosen.get((fmt_name, batch)), batch, context)
+                for method, fn in methods_for(fmt_name, tune).items():
                     if method.startswith("jnp") and not fits:
                         continue
                     try:
@@ -156,7 +199,8 @@ def main(argv=None) -> int:
         else:
             print(f"{r['method']:<12}{r['context']:>8}{r['batch']:>6}  did not run: {r['error'][:60]}")
     result = {"experiment": "attention_gpu", "device": device, "jax": jax.__version__,
-              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "checks": checks, "stopped_by_budget": stopped}
+              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "checks": checks, "stopped_by_budget": stopped,
+              "sweep": sweep_rows, "chosen": {f"{f}@{b}": c for (f, b), c in chosen.items()}}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

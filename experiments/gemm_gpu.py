@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="experiments/results/gemm_gpu.json")
+    parser.add_argument("--m", default=None, help="comma-separated M values (default: all, or --quick's)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new shapes after this many seconds (what ran is reported)")
     args = parser.parse_args(argv)
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     device = jax.devices()[0].device_kind
     methods = ["bf16", "int8_xla", *[f for f in args.formats.split(",") if f]]
     ms = (1, 16, 1024) if args.quick else DECODE_M + PREFILL_M
+    if args.m:
+        ms = tuple(int(m) for m in args.m.split(","))
     nks = NK[:2] if args.quick else NK
     start = time.perf_counter()
     bandwidth = copy_bandwidth(args.repeats)

@@ -40,8 +40,11 @@ from pallas_kernels.lowbit_matmul.common import default_interpret, triton_compil
 from pallas_kernels.quant_attention.formats import check_inputs
 from pallas_kernels.quant_attention.reference import merge_partials
 
-# Programs to aim for when picking num_splits: about one per SM of a current GPU.
-TARGET_PROGRAMS = 128
+# Programs to aim for when picking num_splits: many per SM of a current GPU (132 on an
+# H100/H200), so that page loads of some hide the latency of others; a decode program
+# does little arithmetic per byte. (JAX's paged attention splits each sequence 16 ways.)
+TARGET_PROGRAMS = 2048
+MIN_BLOCKS_PER_SPLIT = 4  # fewer, and launching programs and merging partials costs more than it hides
 MIN_DOT = 16  # Triton's smallest dot tile edge
 
 
@@ -50,17 +53,17 @@ class BlockSizes:
     """Pages per loop step (a power of two) and Triton launch parameters.
 
     ``pages_per_block * page_size`` keys are dequantized and multiplied per step; the
-    default aims at 64 (a [64, head_dim] tile of K and of V in registers), and at least 16.
-    Untuned on hardware.
+    default aims at 128 (a [128, head_dim] tile of K and of V), and at least 16; the
+    defaults come from ``experiments/attention_gpu.py --sweep`` on an H200.
     """
 
-    pages_per_block: int = 4
+    pages_per_block: int = 8
     num_warps: int = 4
     num_stages: int = 2
 
     @classmethod
     def for_shape(cls, page_size: int, pages_per_seq: int) -> BlockSizes:
-        pages = max(1, 64 // page_size)
+        pages = max(1, 128 // page_size)
         while pages > 1 and pages // 2 * page_size >= MIN_DOT and pages // 2 >= pages_per_seq:
             pages //= 2  # short page tables: do not load (masked) pages no sequence has
         return cls(pages_per_block=pages)
@@ -75,8 +78,8 @@ def _pow2_at_least(n: int) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
-    """Enough splits to give about TARGET_PROGRAMS programs, each with a block of pages."""
-    return max(1, min(num_blocks, pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
+    """Enough splits to give about TARGET_PROGRAMS programs, each with a few blocks of pages."""
+    return max(1, min(num_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
 
 
 def check_kernel(q, k_pages: tuple, v_pages: tuple, page_table, lengths, *, fmt: str,
