@@ -40,6 +40,7 @@ from jaxsys.data.longctx import (
     CopyDrillBatches,
     LongContextBatches,
     LongDocument,
+    MixedBatches,
     heldout_documents,
 )
 
@@ -64,23 +65,26 @@ class Phase:
     batch_size: int
     learning_rate: float
     warmup_steps: int
-    data: str = "corpus"  # "corpus": `LongContextBatches`; "copy": `CopyDrillBatches`
+    copy_rows: int = 0  # rows of each batch from `CopyDrillBatches`, the rest from the corpus
     min_bytes: int = MIN_BYTES
     max_bytes: int = MAX_BYTES
     paragraph_sentences: tuple[int, int] = PARAGRAPH_SENTENCES
 
     def batches(self):
-        if self.data == "copy":
-            return CopyDrillBatches(self.seq_len, self.batch_size, seed=DATA_SEED)
-        return LongContextBatches(self.seq_len, self.batch_size, seed=DATA_SEED, min_bytes=self.min_bytes,
-                                  max_bytes=self.max_bytes, paragraph_sentences=self.paragraph_sentences)
+        sources = []
+        if self.copy_rows:
+            sources.append(CopyDrillBatches(self.seq_len, self.copy_rows, seed=DATA_SEED))
+        if self.batch_size > self.copy_rows:
+            sources.append(LongContextBatches(
+                self.seq_len, self.batch_size - self.copy_rows, seed=DATA_SEED, min_bytes=self.min_bytes,
+                max_bytes=self.max_bytes, paragraph_sentences=self.paragraph_sentences))
+        return MixedBatches(*sources)
 
     def data_meta(self) -> dict:
         """What decides the data, as saved in checkpoint meta (JSON: lists, not tuples)."""
-        if self.data == "copy":
-            return {"corpus": "copy-drill", "seed": DATA_SEED}
-        return {"corpus": "longctx", "seed": DATA_SEED, "min_bytes": self.min_bytes,
-                "max_bytes": self.max_bytes, "paragraph_sentences": list(self.paragraph_sentences)}
+        return {"corpus": "longctx", "seed": DATA_SEED, "copy_rows": self.copy_rows,
+                "min_bytes": self.min_bytes, "max_bytes": self.max_bytes,
+                "paragraph_sentences": list(self.paragraph_sentences)}
 
 
 DATA_SEED = 0
@@ -88,21 +92,23 @@ SHORT_DOCS = dict(min_bytes=500, max_bytes=1000)  # a 512-token window holds a w
 DENSE = (1, 2)  # filler sentences per paragraph: a fact mention every ~150 bytes
 MID_DOCS = dict(min_bytes=2000, max_bytes=4000)  # a 2048-token window: restatements ~2000 back
 
-# The target's recipe: copying forms on the drill, then the corpus teaches it to find
-# facts by their names, first in short dense documents, then across 2048 tokens.
+# The target's recipe: copying forms on the drill alone; the corpus then teaches it to
+# find facts by their names, in short dense documents mixed with the drill (which keeps
+# the copying alive meanwhile), and finally across 2048 tokens.
 RECIPES: dict[bool, dict[str, tuple[ModelConfig, tuple[Phase, ...]]]] = {
     False: {
         "target": (TARGET, (
-            Phase("target-copy", 800, 128, 16, 1e-3, 20, data="copy"),
-            Phase("target-short", 300, 512, 8, 1e-3, 20, **SHORT_DOCS, paragraph_sentences=DENSE),
-            Phase("target", 150, 2048, 2, 1e-3, 10, **MID_DOCS),
+            Phase("target-copy", 1000, 128, 16, 1e-3, 20, copy_rows=16),
+            Phase("target-short", 400, 512, 8, 3e-3, 20, copy_rows=2, **SHORT_DOCS, paragraph_sentences=DENSE),
+            Phase("target", 120, 2048, 2, 1e-3, 10, **MID_DOCS),
         )),
         "draft": (DRAFT, (Phase("draft", 400, 512, 8, 3e-3, 20, **SHORT_DOCS),)),
     },
     True: {
         "target": (QUICK_TARGET, (
-            Phase("quick-target-copy", 20, 128, 8, 1e-3, 5, data="copy"),
-            Phase("quick-target-short", 15, 256, 4, 1e-3, 5, **SHORT_DOCS, paragraph_sentences=DENSE),
+            Phase("quick-target-copy", 20, 128, 8, 1e-3, 5, copy_rows=8),
+            Phase("quick-target-short", 15, 256, 4, 1e-3, 5, copy_rows=2, **SHORT_DOCS,
+                  paragraph_sentences=DENSE),
             Phase("quick-target", 5, 1024, 2, 1e-3, 2, **MID_DOCS),
         )),
         "draft": (QUICK_DRAFT, (Phase("quick-draft", 20, 256, 4, 3e-3, 5, **SHORT_DOCS),)),

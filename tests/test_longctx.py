@@ -10,6 +10,7 @@ from jaxsys.data.longctx import (
     MIN_BYTES,
     CopyDrillBatches,
     LongContextBatches,
+    MixedBatches,
     heldout_documents,
     training_document,
 )
@@ -125,6 +126,18 @@ def test_copy_drill_repeats_one_random_string_per_window():
         period = next(p for p in range(8, 41) if np.array_equal(text[p:], text[:-p]))
         periods.add(period)
     assert len(periods) > 1  # no fixed offset to copy from
+
+
+def test_mixed_batches_stack_their_sources_rows_in_order():
+    drill, corpus = CopyDrillBatches(128, 2, seed=0), LongContextBatches(128, 3, seed=0)
+    mixed = MixedBatches(drill, corpus)
+    assert (mixed.seq_len, mixed.batch_size) == (128, 5)
+    batch = mixed.batch(3)
+    assert np.array_equal(batch[:2], drill.batch(3)) and np.array_equal(batch[2:], corpus.batch(3))
+    with pytest.raises(ValueError, match="seq_len"):
+        MixedBatches(drill, CopyDrillBatches(64, 2))
+    with pytest.raises(ValueError, match="at least one"):
+        MixedBatches()
 
 
 def test_benchmark_pair_is_shaped_for_triforce():

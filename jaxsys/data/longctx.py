@@ -347,3 +347,21 @@ class CopyDrillBatches:
             raise ValueError(f"{step=} must be >= 0")
         first = step * self.batch_size
         return np.stack([self.window(first + j) for j in range(self.batch_size)])
+
+
+class MixedBatches:
+    """The rows of several step-indexed sources stacked into one batch, in order."""
+
+    def __init__(self, *sources):
+        if not sources:
+            raise ValueError("MixedBatches needs at least one source")
+        lengths = {s.seq_len for s in sources}
+        if len(lengths) > 1:
+            raise ValueError(f"sources must share seq_len, got {sorted(lengths)}")
+        self.sources = sources
+        self.seq_len = lengths.pop()
+        self.batch_size = sum(s.batch_size for s in sources)
+
+    def batch(self, step: int) -> np.ndarray:
+        """int32 ``[batch_size, seq_len + 1]``; a pure function of step, like its sources."""
+        return np.concatenate([s.batch(step) for s in self.sources])
