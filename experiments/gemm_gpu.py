@@ -42,11 +42,16 @@ MIN_SETS, MAX_SETS = 8, 32  # more calls per jit would mean more Triton compiles
 def _sweep_candidates(M: int):
     from pallas_kernels.lowbit_matmul import BlockSizes
 
+    # (block_m, block_n, block_k, num_warps, num_stages[, split_k]); split-K candidates
+    # only take effect for the formats that split (W4A16, W4A8, W8A8).
     if M <= 16:
         shapes = [(16, 16, 256, 2, 3), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3),
-                  (16, 32, 512, 4, 4), (16, 64, 128, 4, 4)]
+                  (16, 32, 512, 4, 4), (16, 64, 128, 4, 4),
+                  (16, 32, 256, 4, 3, 4), (16, 64, 256, 4, 3, 4), (16, 128, 128, 4, 3, 8),
+                  (16, 64, 128, 4, 4, 8)]
     elif M <= 64:
-        shapes = [(M, 32, 256, 4, 3), (M, 64, 128, 4, 3), (M, 128, 128, 4, 3), (M, 64, 256, 4, 4)]
+        shapes = [(M, 32, 256, 4, 3), (M, 64, 128, 4, 3), (M, 128, 128, 4, 3), (M, 64, 256, 4, 4),
+                  (M, 64, 128, 4, 3, 4)]
     else:
         shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
                   (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)]

@@ -21,6 +21,7 @@ from pallas_kernels.lowbit_matmul import formats, reference
 
 K, N = 256, 128
 SMALL_TILES = BlockSizes(block_m=16, block_n=64, block_k=64)  # 2 N tiles, 4 K tiles
+SPLIT_TILES = BlockSizes(block_m=16, block_n=64, block_k=64, split_k=2)  # 2 programs per tile along K
 
 
 def _normal(seed, shape, dtype=jnp.float32):
@@ -148,6 +149,9 @@ KERNEL_CASES = [
     ("int8", 16, jnp.bfloat16, {"group_size": 128}, SMALL_TILES),
     ("int8a8", 8, jnp.float32, {}, SMALL_TILES),
     ("int2a8", 1, jnp.float32, {"group_size": 128}, None),
+    ("w8a8", 1, jnp.float32, {}, SPLIT_TILES),
+    ("w4a8", 3, jnp.float32, {"group_size": 64}, SPLIT_TILES),
+    ("w4a16", 1, jnp.float32, {"group_size": 32}, SPLIT_TILES),
 ]
 
 
@@ -165,7 +169,8 @@ def _run(name, x, weight, impl, blocks):
 
 
 @pytest.mark.parametrize("name,M,dtype,opts,blocks", KERNEL_CASES,
-                         ids=[f"{c[0]}-M{c[1]}-{jnp.dtype(c[2]).name}" for c in KERNEL_CASES])
+                         ids=[f"{c[0]}-M{c[1]}-{jnp.dtype(c[2]).name}{'-splitk' if c[4] and c[4].split_k > 1 else ''}"
+                              for c in KERNEL_CASES])
 def test_kernel_matches_reference(name, M, dtype, opts, blocks):
     seed = zlib.crc32(f"{name}-{M}".encode()) % 1000
     weight = quantize_weight(_normal(seed, (K, N)), name, **opts)
@@ -175,7 +180,8 @@ def test_kernel_matches_reference(name, M, dtype, opts, blocks):
     assert got.shape == (M, N) and got.dtype == dtype
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     grouped_int8 = name.endswith("a8") and name.startswith("int") and opts
-    if FORMATS[name].activation_bits == 8 and not grouped_int8:
+    split = blocks is not None and blocks.split_k > 1  # float partials, summed: not bit for bit
+    if FORMATS[name].activation_bits == 8 and not grouped_int8 and not split:
         np.testing.assert_array_equal(got, want)  # int32 accumulation, same epilogue
     else:  # float accumulation order (and per-group float sums) differ
         scale = float(np.abs(want).max())
@@ -190,6 +196,8 @@ def test_bad_shapes_say_what_is_wrong():
         w8a8_matmul(x_q, x_scale, weight, block_sizes=BlockSizes(block_k=512))
     with pytest.raises(ValueError, match=r"block_n=96 must be a power of two"):
         w8a8_matmul(x_q, x_scale, weight, block_sizes=BlockSizes(block_n=96))
+    with pytest.raises(ValueError, match=r"split_k=3 must be >= 1 and divide the 4 K tiles"):
+        w8a8_matmul(x_q, x_scale, weight, block_sizes=BlockSizes(block_k=64, split_k=3))
     with pytest.raises(ValueError, match=r"x_q has K=128 but the weight has K=256"):
         w8a8_matmul(x_q[:, :128], x_scale, weight)
     with pytest.raises(ValueError, match=r"x_q must be one of \['int8'\]"):
@@ -197,6 +205,8 @@ def test_bad_shapes_say_what_is_wrong():
     grouped = quantize_weight(_normal(0, (K, N)), "int4", group_size=64)
     with pytest.raises(ValueError, match=r"block_k=128 must divide group_size=64"):
         bitplane_matmul(_normal(0, (4, K)), grouped, block_sizes=BlockSizes(block_k=128))
+    with pytest.raises(ValueError, match=r"bit-plane kernels do not split K"):
+        bitplane_matmul(_normal(0, (4, K)), grouped, block_sizes=BlockSizes(block_k=64, split_k=2))
     with pytest.raises(ValueError, match=r"unknown low-bit format 'w3a3'"):
         lowbit_matmul(_normal(0, (4, K)), weight, format="w3a3")
     with pytest.raises(TypeError, match=r"format 'w4a16' needs a W4A16Weight"):
@@ -245,13 +255,15 @@ EXPORT_CASES = {
     "w4a16": (w4a16_matmul, "bf16", "w4a16", {}),
     "bitplane-bf16": (bitplane_matmul, "bf16", "int3", {}),
     "bitplane-int8": (bitplane_matmul, "int8", "int8", {"group_size": 128}),
+    "w4a16-splitk": (w4a16_matmul, "bf16", "w4a16", {}, BlockSizes(block_n=64, block_k=128, split_k=2)),
+    "w4a8-splitk": (w4a8_matmul, "int8", "w4a8", {}, BlockSizes(block_n=64, block_k=128, split_k=4)),
 }
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)
 @pytest.mark.parametrize("M", [1, 256])
 def test_kernel_lowers_for_cuda(case, M):
-    kernel, activations, name, opts = EXPORT_CASES[case]
+    kernel, activations, name, opts, *blocks = EXPORT_CASES[case]
     weight = jax.eval_shape(functools.partial(quantize_weight, format=name, **opts),
                             jax.ShapeDtypeStruct((512, 256), jnp.float32))
     S = jax.ShapeDtypeStruct
@@ -261,7 +273,8 @@ def test_kernel_lowers_for_cuda(case, M):
     else:
         args = (S((M, 512), jnp.bfloat16), weight)
     exported = jax.export.export(
-        jax.jit(functools.partial(kernel, interpret=False)), platforms=["cuda"],
+        jax.jit(functools.partial(kernel, interpret=False, block_sizes=blocks[0] if blocks else None)),
+        platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*args)
     assert "__gpu$xla.gpu.triton" in exported.mlir_module()

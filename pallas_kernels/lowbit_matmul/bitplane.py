@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.lowbit_matmul.common import (
-    BlockSizes, Rows, check_activations, check_blocks, column_spec, default_interpret, resolve_blocks,
+    BlockSizes, KTiles, Rows, check_activations, check_blocks, column_spec, default_interpret, resolve_blocks,
     row_spec, row_vector_spec, tiled_call)
 from pallas_kernels.lowbit_matmul.formats import BitplaneWeight, group_size_of, weight_shape
 
@@ -59,7 +59,7 @@ def _grouped_loop(num_groups: int, tiles_per_group: int, *, tile, init, finish, 
 
 
 def _bitplane_float_kernel(x_ref, planes_ref, scale_ref, o_ref, *, bits: int, block_k: int,
-                           group_size: int, rows: Rows):
+                           group_size: int, rows: Rows, ktiles: KTiles):
     rows = rows.here()
     K = x_ref.shape[1]
 
@@ -76,7 +76,7 @@ def _bitplane_float_kernel(x_ref, planes_ref, scale_ref, o_ref, *, bits: int, bl
 
 
 def _bitplane_int8_kernel(x_ref, x_scale_ref, planes_ref, scale_ref, o_ref, *, bits: int,
-                          block_k: int, group_size: int, rows: Rows):
+                          block_k: int, group_size: int, rows: Rows, ktiles: KTiles):
     rows = rows.here()
     K = x_ref.shape[1]
     block_m = o_ref.shape[0]
@@ -108,6 +108,8 @@ def _blocks(M: int, weight: BitplaneWeight, block_sizes: BlockSizes | None) -> t
     if block_sizes is None and blocks.block_k > group_size:
         blocks = dataclasses.replace(blocks, block_k=group_size)
     check_blocks(blocks, N=N, K=K, group_size=group_size, k_multiple=8)
+    if blocks.split_k != 1:
+        raise ValueError(f"bit-plane kernels do not split K (split_k={blocks.split_k}); use split_k=1")
     if group_size % blocks.block_k:
         raise ValueError(f"block_k={blocks.block_k} must divide group_size={group_size}")
     return blocks, group_size
@@ -147,6 +149,6 @@ def bitplane_matmul(x: jax.Array, weight: BitplaneWeight, x_scale: jax.Array | N
         kernel, out_dtype = functools.partial(_bitplane_int8_kernel, **static), out_dtype or jnp.bfloat16
         operands = [x, x_scale.astype(jnp.float32), *weight]
         specs = [row_spec(bm, K), row_vector_spec(bm), *weight_specs]
-    return tiled_call(kernel, operands, specs, M=M, N=N, blocks=blocks, out_dtype=out_dtype,
+    return tiled_call(kernel, operands, specs, M=M, N=N, K=K, blocks=blocks, out_dtype=out_dtype,
                       interpret=default_interpret() if interpret is None else interpret,
                       name=f"bitplane{weight.bits}_matmul")

@@ -2,7 +2,12 @@
 
 Every kernel tiles the output over a (M tiles, N tiles) grid and runs the K loop inside
 the kernel (``lax.fori_loop`` over K tiles): a K grid axis would need a cross-program
-reduction that races on a GPU. Weights are unpacked per tile in registers, so HBM traffic
+reduction that races on a GPU. At decode sizes that grid has few programs, each walking
+all of K, so W4A16, W4A8 and W8A8 can also split K (``BlockSizes.split_k``, Split-K as
+in FlashDecoding and cuBLAS's split-K GEMV): a third grid axis gives each program a
+contiguous range of K tiles, each writes its own float32 partial output (its epilogue
+scales are per row and per column, so they apply to each partial alike), and one sum
+over the splits follows the kernel. Weights are unpacked per tile in registers, so HBM traffic
 is the packed bytes. The Triton path wants power-of-two tiles, signed integer dots with
 equal operand dtypes, and at least 16 rows per dot, so an M tile may stick out of M:
 its missing rows are masked on load and store (no padding copy, which would cost a
@@ -62,7 +67,8 @@ class BlockSizes:
     tiles (but >= 32 bytes per row segment, a full DRAM sector) so the grid covers the SMs,
     and long K tiles over 4 pipeline stages so each SM keeps loads in flight (a longer tile
     would spill the unpacked int32 weights out of registers). Prefill gets square 128 x 128
-    tiles for tensor-core reuse. Untuned on hardware: ``experiments/gemm_gpu.py --sweep``.
+    tiles for tensor-core reuse. ``split_k`` stays 1 unless asked for. Untuned on hardware:
+    ``experiments/gemm_gpu.py --sweep`` (split-K tiles included).
     """
 
     block_m: int = 16
@@ -70,6 +76,7 @@ class BlockSizes:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # programs per output tile along K (W4A16, W4A8, W8A8); must divide K / block_k
 
     @classmethod
     def for_shape(cls, M: int, N: int, K: int, *, group_size: int | None = None) -> BlockSizes:
@@ -125,6 +132,9 @@ def check_blocks(blocks: BlockSizes, *, N: int, K: int, group_size: int | None =
         raise ValueError(f"{block_k=} and {group_size=} must divide one another")
     if group_size is not None and block_k > group_size and not _is_pow2(block_k // group_size):
         raise ValueError(f"{block_k=} // {group_size=} must be a power of two")
+    if blocks.split_k < 1 or (K // block_k) % blocks.split_k:
+        raise ValueError(f"split_k={blocks.split_k} must be >= 1 and divide the {K // block_k} K tiles "
+                         f"(K={K} / {block_k=})")
 
 
 def check_activations(x: jax.Array, K: int, dtypes: tuple, what: str) -> None:
@@ -191,35 +201,65 @@ class Rows:
             _triton_module().store(o_ref, value, mask=self._mask(value.shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class KTiles:
+    """The K tiles this program walks: all of them, or its split's contiguous range.
+
+    Like ``Rows``, kernels call ``ktiles.here()`` once at their top level.
+    """
+
+    total: int
+    split: int = 1
+    start: Any = 0
+
+    def here(self) -> KTiles:
+        if self.split == 1:
+            return self
+        return dataclasses.replace(self, start=pl.program_id(2) * (self.total // self.split))
+
+    @property
+    def stop(self):
+        return self.start + self.total // self.split
+
+
 # --- the call ------------------------------------------------------------------------------
 
 
 def row_spec(block_m: int, K: int) -> pl.BlockSpec:
     """An activation operand [M, K]: the whole K row of tile i (the kernel loops over K)."""
-    return pl.BlockSpec((block_m, K), lambda i, j: (i, 0))
+    return pl.BlockSpec((block_m, K), lambda i, j, *_: (i, 0))
 
 
 def row_vector_spec(block_m: int) -> pl.BlockSpec:
-    return pl.BlockSpec((block_m,), lambda i, j: (i,))
+    return pl.BlockSpec((block_m,), lambda i, j, *_: (i,))
 
 
 def column_spec(shape: tuple[int, ...], block_n: int) -> pl.BlockSpec:
     """A weight operand [..., N]: all leading dims, N tile j."""
     lead = len(shape) - 1
-    return pl.BlockSpec(tuple(shape[:-1]) + (block_n,), lambda i, j: (0,) * lead + (j,))
+    return pl.BlockSpec(tuple(shape[:-1]) + (block_n,), lambda i, j, *_: (0,) * lead + (j,))
 
 
-def tiled_call(kernel, operands, in_specs, *, M: int, N: int, blocks: BlockSizes, out_dtype,
+def tiled_call(kernel, operands, in_specs, *, M: int, N: int, K: int, blocks: BlockSizes, out_dtype,
                interpret: bool, name: str) -> jax.Array:
-    """Run ``kernel(*refs, rows=Rows(...))`` over the (M tiles, N tiles) grid."""
-    block_m = blocks.block_m
-    return pl.pallas_call(
-        functools.partial(kernel, rows=Rows(M, block_m)),
-        grid=(pl.cdiv(M, block_m), N // blocks.block_n),
+    """Run ``kernel(*refs, rows=Rows(...), ktiles=KTiles(...))`` over the (M tiles, N tiles)
+    grid, or (M tiles, N tiles, splits) with float32 partials summed after the kernel."""
+    block_m, block_n, split = blocks.block_m, blocks.block_n, blocks.split_k
+    grid = (pl.cdiv(M, block_m), N // block_n)
+    if split == 1:
+        out_spec, out_shape = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)), (M, N)
+    else:
+        grid += (split,)
+        out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
+        out_shape = (split, M, N)
+    out = pl.pallas_call(
+        functools.partial(kernel, rows=Rows(M, block_m), ktiles=KTiles(K // blocks.block_k, split)),
+        grid=grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((block_m, blocks.block_n), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype if split == 1 else jnp.float32),
         compiler_params=triton_compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name=name,
     )(*operands)
+    return out if split == 1 else out.sum(0).astype(out_dtype)

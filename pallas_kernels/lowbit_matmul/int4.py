@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.lowbit_matmul.common import (
-    BlockSizes, Rows, check_activations, check_blocks, column_spec, default_interpret, group_rows,
+    BlockSizes, KTiles, Rows, check_activations, check_blocks, column_spec, default_interpret, group_rows,
     resolve_blocks, row_spec, row_vector_spec, tiled_call, unpack_int4_tile)
 from pallas_kernels.lowbit_matmul.formats import W4A8Weight, W4A16Weight, group_size_of, weight_shape
 
@@ -39,8 +39,8 @@ def _packed_tile(packed_ref, k, block_k: int) -> jax.Array:
 
 
 def _w4a16_kernel(x_ref, packed_ref, scale_ref, zero_ref, o_ref, *, block_k: int, group_size: int,
-                  rows: Rows):
-    rows = rows.here()
+                  rows: Rows, ktiles: KTiles):
+    rows, ktiles = rows.here(), ktiles.here()
     groups = functools.partial(group_rows, block_k=block_k, group_size=group_size)
 
     def body(k, acc):
@@ -49,13 +49,13 @@ def _w4a16_kernel(x_ref, packed_ref, scale_ref, zero_ref, o_ref, *, block_k: int
         w = ((q - groups(zero_ref, k)) * groups(scale_ref, k)).astype(x.dtype)
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-    num_k_tiles = x_ref.shape[1] // block_k
-    rows.store(o_ref, lax.fori_loop(0, num_k_tiles, body, jnp.zeros(o_ref.shape, jnp.float32)))
+    rows.store(o_ref, lax.fori_loop(ktiles.start, ktiles.stop, body, jnp.zeros(o_ref.shape, jnp.float32)))
 
 
 def _w4a8_kernel(x_ref, x_scale_ref, packed_ref, group_scale_ref, group_zero_ref,
-                 channel_scale_ref, o_ref, *, block_k: int, group_size: int, rows: Rows):
-    rows = rows.here()
+                 channel_scale_ref, o_ref, *, block_k: int, group_size: int, rows: Rows,
+                 ktiles: KTiles):
+    rows, ktiles = rows.here(), ktiles.here()
     groups = functools.partial(group_rows, block_k=block_k, group_size=group_size)
 
     def body(k, acc):
@@ -66,8 +66,7 @@ def _w4a8_kernel(x_ref, x_scale_ref, packed_ref, group_scale_ref, group_zero_ref
         w = (q * scale - zero).astype(jnp.int8)  # subtraction after multiplication
         return acc + jnp.dot(a, w, preferred_element_type=jnp.int32)
 
-    num_k_tiles = x_ref.shape[1] // block_k
-    acc = lax.fori_loop(0, num_k_tiles, body, jnp.zeros(o_ref.shape, jnp.int32))
+    acc = lax.fori_loop(ktiles.start, ktiles.stop, body, jnp.zeros(o_ref.shape, jnp.int32))
     rows.store(o_ref, (acc.astype(jnp.float32) * channel_scale_ref[...][None, :])
                * rows.load(x_scale_ref)[:, None])
 
@@ -103,7 +102,7 @@ def w4a16_matmul(x: jax.Array, weight: W4A16Weight, *, block_sizes: BlockSizes |
     kernel = functools.partial(_w4a16_kernel, block_k=blocks.block_k, group_size=group_size)
     specs = [row_spec(blocks.block_m, K), column_spec(weight.packed.shape, bn),
              column_spec(weight.scale.shape, bn), column_spec(weight.zero.shape, bn)]
-    return tiled_call(kernel, [x, *weight], specs, M=M, N=N, blocks=blocks, out_dtype=x.dtype,
+    return tiled_call(kernel, [x, *weight], specs, M=M, N=N, K=K, blocks=blocks, out_dtype=x.dtype,
                       interpret=default_interpret() if interpret is None else interpret,
                       name="w4a16_matmul")
 
@@ -122,6 +121,6 @@ def w4a8_matmul(x_q: jax.Array, x_scale: jax.Array, weight: W4A8Weight, *,
              column_spec(weight.group_scale.shape, bn), column_spec(weight.group_zero.shape, bn),
              column_spec(weight.channel_scale.shape, bn)]
     operands = [x_q, x_scale.astype(jnp.float32), *weight]
-    return tiled_call(kernel, operands, specs, M=M, N=N, blocks=blocks, out_dtype=out_dtype,
+    return tiled_call(kernel, operands, specs, M=M, N=N, K=K, blocks=blocks, out_dtype=out_dtype,
                       interpret=default_interpret() if interpret is None else interpret,
                       name="w4a8_matmul")

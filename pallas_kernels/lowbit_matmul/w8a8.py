@@ -14,21 +14,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.lowbit_matmul.common import (
-    BlockSizes, Rows, check_activations, check_blocks, column_spec, default_interpret, resolve_blocks,
+    BlockSizes, KTiles, Rows, check_activations, check_blocks, column_spec, default_interpret, resolve_blocks,
     row_spec, row_vector_spec, tiled_call)
 from pallas_kernels.lowbit_matmul.formats import W8A8Weight
 
 
-def _w8a8_kernel(x_ref, x_scale_ref, w_ref, w_scale_ref, o_ref, *, block_k: int, rows: Rows):
-    rows = rows.here()
+def _w8a8_kernel(x_ref, x_scale_ref, w_ref, w_scale_ref, o_ref, *, block_k: int, rows: Rows,
+                 ktiles: KTiles):
+    rows, ktiles = rows.here(), ktiles.here()
     def body(k, acc):
         k_slice = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
         a = rows.load(x_ref.at[:, k_slice])  # int8 [bm, bk]
         w = w_ref[k_slice, :]  # int8 [bk, bn]
         return acc + jnp.dot(a, w, preferred_element_type=jnp.int32)
 
-    num_k_tiles = x_ref.shape[1] // block_k
-    acc = lax.fori_loop(0, num_k_tiles, body, jnp.zeros(o_ref.shape, jnp.int32))
+    acc = lax.fori_loop(ktiles.start, ktiles.stop, body, jnp.zeros(o_ref.shape, jnp.int32))
     rows.store(o_ref, (acc.astype(jnp.float32) * w_scale_ref[...][None, :])
                * rows.load(x_scale_ref)[:, None])
 
@@ -54,7 +54,7 @@ def w8a8_matmul(x_q: jax.Array, x_scale: jax.Array, weight: W8A8Weight, *,
     specs = [row_spec(bm, K), row_vector_spec(bm), column_spec(weight.qweight.shape, bn),
              column_spec(weight.scale.shape, bn)]
     return tiled_call(functools.partial(_w8a8_kernel, block_k=blocks.block_k),
-                      [x_q, x_scale.astype(jnp.float32), *weight], specs, M=M, N=N,
+                      [x_q, x_scale.astype(jnp.float32), *weight], specs, M=M, N=N, K=K,
                       blocks=blocks, out_dtype=out_dtype,
                       interpret=default_interpret() if interpret is None else interpret,
                       name="w8a8_matmul")
