@@ -14,9 +14,11 @@ on CPU, where scalar prefetch does not exist on the Triton path. Only the pages 
 sequence has are read: the loop stops at ``ceil(length / page_size)``, and slots past
 it are redirected to page 0 before the gather, so stale table entries are harmless.
 
-Pages stay quantized in HBM and are dequantized per block in registers, to the compute
-dtype (bf16/f16 queries: that dtype; f32 queries: f32, with IEEE dots), so every dot
-has equal float operands. int4 codes are never interleaved in registers: the low
+Pages stay quantized in HBM; a block's codes convert to the compute dtype in registers
+(bf16/f16 queries: that dtype, exact for int8 and int4 codes; f32 queries: f32, with
+IEEE dots), so every dot has equal float operands, and the per-token scales and zeros
+are applied to the [heads, block_k] logits and probabilities rather than to the
+[block_k, head_dim] tiles (QServe's trick: head_dim times fewer multiplies). int4 codes are never interleaved in registers: the low
 nibbles hold the even head dims and the high nibbles the odd ones, so the query is
 passed with its even dims first (``[even | odd]``), logits are the sum of two dots,
 the output comes back in the same order and is put back in place after the merge.
@@ -106,23 +108,28 @@ def check_kernel(q, k_pages: tuple, v_pages: tuple, page_table, lengths, *, fmt:
     return blocks
 
 
-def _dequantized_block(refs, page_ids, *, fmt: str, dtype) -> tuple[jax.Array, ...]:
-    """Keys (or values) of pages ``page_ids`` as column parts ``[block_k, width]`` in ``dtype``."""
+def _code_block(refs, page_ids, *, fmt: str, dtype):
+    """Pages ``page_ids`` of keys (or values): (column parts ``[block_k, width]`` of codes in
+    ``dtype``, per-token scale ``[block_k]`` or None, per-token zero ``[block_k]`` or None).
+
+    Codes convert to bf16/f16 exactly (|code| <= 128); the scales and zeros are applied to
+    the logits and probabilities instead of the tile, ``block_k`` products instead of
+    ``block_k * head_dim``.
+    """
     data = refs[0][page_ids]  # [pages, page_size, width]
     pages, page_size, width = data.shape
     data = data.reshape(pages * page_size, width)
     if fmt == "float":
-        return (data.astype(dtype),)
+        return (data.astype(dtype),), None, None
 
-    def per_token(ref):  # [block_k, 1]
-        return ref[page_ids].reshape(pages * page_size, 1).astype(jnp.float32)
+    def per_token(ref):  # [block_k]
+        return ref[page_ids].reshape(pages * page_size).astype(jnp.float32)
 
     if fmt == "int8":
-        return ((data.astype(jnp.float32) * per_token(refs[1])).astype(dtype),)
+        return (data.astype(dtype),), per_token(refs[1]), None
     codes = data.astype(jnp.int32)
-    scale, zero = per_token(refs[1]), per_token(refs[2])
-    return tuple((((codes >> shift) & 0xF).astype(jnp.float32) * scale + zero).astype(dtype)
-                 for shift in (0, 4))  # even dims, odd dims
+    parts = tuple(((codes >> shift) & 0xF).astype(dtype) for shift in (0, 4))  # even dims, odd dims
+    return parts, per_token(refs[1]), per_token(refs[2])
 
 
 def _decode_kernel(lengths_ref, table_ref, q_ref, *refs, fmt: str, pages_per_block: int,
@@ -142,6 +149,8 @@ def _decode_kernel(lengths_ref, table_ref, q_ref, *refs, fmt: str, pages_per_blo
     pages_here = jnp.clip(lax.div(length + page_size - 1, page_size) - first_page, 0,
                           pages_per_split)
     q_parts = [q_ref[:, pl.ds(p * width, width)].astype(dtype) for p in range(parts)]
+    # q . (code * scale + zero) = scale * (q . code) + zero * sum(q), per key
+    q_sum = sum(jnp.sum(qp.astype(jnp.float32), axis=1) for qp in q_parts)  # [bh]
 
     def dot(a, b, contract_b: int):
         dims = (((1,), (contract_b,)), ((), ()))
@@ -153,8 +162,13 @@ def _decode_kernel(lengths_ref, table_ref, q_ref, *refs, fmt: str, pages_per_blo
         slot = i * pages_per_block + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
         page_ids = table_ref[pl.ds(i * pages_per_block, pages_per_block)]
         page_ids = jnp.where(slot < pages_here, page_ids, 0)  # slots past the length: page 0
-        keys = _dequantized_block(k_refs, page_ids, fmt=fmt, dtype=dtype)
-        logits = sum(dot(qp, kp, 1) for qp, kp in zip(q_parts, keys)) * sm_scale  # [bh, bk]
+        keys, k_scale, k_zero = _code_block(k_refs, page_ids, fmt=fmt, dtype=dtype)
+        logits = sum(dot(qp, kp, 1) for qp, kp in zip(q_parts, keys))  # [bh, bk]
+        if k_scale is not None:
+            logits = logits * k_scale[None, :]
+        if k_zero is not None:
+            logits = logits + q_sum[:, None] * k_zero[None, :]
+        logits = logits * sm_scale
         token = ((first_page + i * pages_per_block) * page_size
                  + lax.broadcasted_iota(jnp.int32, (1, block_k), 1))
         # The block's first key is always valid, so m_next is finite.
@@ -163,8 +177,11 @@ def _decode_kernel(lengths_ref, table_ref, q_ref, *refs, fmt: str, pages_per_blo
         correction = jnp.exp(m_prev - m_next)
         p = jnp.exp(logits - m_next[:, None])
         l_next = l_prev * correction + jnp.sum(p, axis=1)
-        values = _dequantized_block(v_refs, page_ids, fmt=fmt, dtype=dtype)
-        accs = tuple(acc * correction[:, None] + dot(p.astype(dtype), vp, 0)
+        # p . (code * scale + zero) = (p * scale) . code + (p . zero), per query row
+        values, v_scale, v_zero = _code_block(v_refs, page_ids, fmt=fmt, dtype=dtype)
+        weights = p if v_scale is None else p * v_scale[None, :]
+        shift = 0.0 if v_zero is None else jnp.sum(p * v_zero[None, :], axis=1)[:, None]
+        accs = tuple(acc * correction[:, None] + dot(weights.astype(dtype), vp, 0) + shift
                      for acc, vp in zip(accs, values))
         return accs, m_next, l_next
 
