@@ -30,11 +30,13 @@ def configs(quick: bool):
         return PipelineConfig(model=get_preset("small"))
     return PipelineConfig(
         model=dataclasses.replace(get_preset("tiny"), max_seq_len=1024),
-        seeds=300, tests=64, questions=384, k=4,
-        solver=TrainConfig(steps=200, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=20,
-                           log_every=50, ckpt_every=100, keep_last=1),
-        qft=TrainConfig(steps=40, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=5,
-                        log_every=20, ckpt_every=40, keep_last=1),
+        seeds=300, tests=64, questions=384, k=4, question_temperature=0.8, solve_temperature=0.7,
+        solver=TrainConfig(steps=500, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=25,
+                           log_every=50, ckpt_every=250, keep_last=1),
+        student=TrainConfig(steps=200, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=20,
+                            log_every=50, ckpt_every=200, keep_last=1),
+        qft=TrainConfig(steps=120, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=10,
+                        log_every=20, ckpt_every=120, keep_last=1),
         qpo=QPOConfig(steps=20, pairs_per_step=8, learning_rate=5e-4, beta=0.1))
 
 

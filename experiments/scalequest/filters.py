@@ -82,8 +82,8 @@ def normalize(text: str) -> str:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    ngram: int = 4
-    dedup_threshold: float = 0.8  # Jaccard of word 4-grams: a near-copy of a kept question
+    ngram: int = 3
+    dedup_threshold: float = 0.7  # Jaccard of word 3-grams: one number or name changed in a kept question
     contamination_threshold: float = 0.6  # stricter against test problems
     min_steps: int = 2  # fewer verifier steps is trivial when the solver also never fails
 

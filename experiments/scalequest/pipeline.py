@@ -32,6 +32,9 @@ class PipelineConfig:
     tests: int = 200  # problems per test set
     solver: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=256, learning_rate=3e-3,
                                       warmup_steps=30, log_every=50, ckpt_every=200, keep_last=1)
+    # Every student gets this budget: the same steps, batch and sequence length (a fresh init).
+    student: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=256, learning_rate=3e-3,
+                                       warmup_steps=30, log_every=50, ckpt_every=200, keep_last=1)
     qft: TrainConfig = TrainConfig(steps=100, batch_size=16, seq_len=256, learning_rate=1e-3,
                                    warmup_steps=10, log_every=50, ckpt_every=100, keep_last=1)
     qpo: qpo.QPOConfig = qpo.QPOConfig()
@@ -46,8 +49,7 @@ class PipelineConfig:
     students: tuple[str, ...] = field(default=STUDENTS)
 
     def student_tc(self) -> TrainConfig:
-        """Every student gets the solver's budget: the same steps, batch and sequence length."""
-        return dataclasses.replace(self.solver, seed=self.seed + 1)
+        return dataclasses.replace(self.student, seed=self.seed + 1)
 
 
 def problem_record(problem) -> dict:
