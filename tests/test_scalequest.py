@@ -1,0 +1,148 @@
+"""The pieces of experiments/scalequest: DPO, filters, the verifier's choice, resumable stages."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.scalequest import filters, qpo
+from experiments.scalequest.stages import Stages
+from jaxsys.config import get_preset
+from jaxsys.data.corpus import generate_problems
+from jaxsys.model import ModelDef
+from jaxsys.preference import dpo_loss, sequence_logprobs
+
+TINY = get_preset("tiny")
+
+
+def test_sequence_logprobs_equal_a_float64_sum_over_the_masked_targets():
+    model = ModelDef(TINY)
+    params = model.init(3)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 259, size=(3, 9)).astype(np.int32)
+    mask = (rng.random((3, 8)) < 0.6).astype(np.float32)
+    got = np.asarray(sequence_logprobs(model, params, jnp.asarray(tokens), jnp.asarray(mask)))
+    logits = np.asarray(model.apply(params, jnp.asarray(tokens[:, :-1]))[0]).astype(np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0] - log_z
+    np.testing.assert_allclose(got, (picked * mask).sum(-1), rtol=1e-5, atol=1e-4)
+
+
+def test_dpo_loss_and_gradient_match_the_float64_formula():
+    rng = np.random.default_rng(1)
+    pc, pr, rc, rr = (rng.normal(-20, 5, size=6) for _ in range(4))
+    beta = 0.3
+    margin = beta * ((pc - rc) - (pr - rr))
+    expected = np.mean(np.log1p(np.exp(-margin)))  # -log sigmoid(m)
+    loss, metrics = dpo_loss(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)), beta=beta)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["pair_accuracy"]), np.mean(margin > 0))
+    grad_chosen, grad_rejected = jax.grad(
+        lambda c, r: dpo_loss(c, r, jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32), beta=beta)[0],
+        argnums=(0, 1))(jnp.asarray(pc, jnp.float32), jnp.asarray(pr, jnp.float32))
+    weight = beta / (1 + np.exp(margin)) / len(pc)  # beta * sigmoid(-m) / n
+    np.testing.assert_allclose(np.asarray(grad_chosen), -weight, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad_rejected), weight, rtol=1e-4)
+    assert (np.asarray(grad_chosen) < 0).all() and (np.asarray(grad_rejected) > 0).all()  # descent raises chosen
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(*(jnp.zeros(2),) * 4, beta=0.0)
+
+
+def test_dpo_training_moves_the_policy_toward_chosen_questions():
+    problems = generate_problems(4, seed=5)
+    pairs = [{"chosen": problems[i].question, "rejected": "How many Zed do?"} for i in range(2)]
+    config = qpo.QPOConfig(steps=3, pairs_per_step=2, learning_rate=1e-2, beta=0.5, seq_len=192)
+    model = ModelDef(TINY)
+    reference = jax.device_get(model.init(0))
+    policy, rows = qpo.train_dpo(TINY, reference, pairs, config)
+    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
+    chosen, chosen_mask = qpo.encode_questions([p["chosen"] for p in pairs], config.seq_len)
+    rejected, rejected_mask = qpo.encode_questions([p["rejected"] for p in pairs], config.seq_len)
+    lp = lambda params, t, m: np.asarray(sequence_logprobs(model, params, jnp.asarray(t), jnp.asarray(m)))  # noqa: E731
+    margin = (lp(policy, chosen, chosen_mask) - lp(reference, chosen, chosen_mask)) - (
+        lp(policy, rejected, rejected_mask) - lp(reference, rejected, rejected_mask))
+    assert (margin > 0).all()
+
+
+def test_encode_questions_scores_the_question_and_eos_only():
+    tokens, mask = qpo.encode_questions(["Mia has 2 apples. How many apples does Mia have?"], 80)
+    prefix = len("Question:") + 1  # BOS + prefix
+    scored = tokens[0, 1:][mask[0] == 1]
+    assert bytes(scored[:-1].tolist()).decode() == " Mia has 2 apples. How many apples does Mia have?"
+    assert scored[-1] == 258 and mask[0, :prefix - 1].sum() == 0
+
+
+def test_static_filters_drop_malformed_unsolvable_duplicate_and_contaminated_questions():
+    seed, test, new, other = (p.question for p in generate_problems(4, seed=11, min_steps=2, max_steps=3))
+    near_copy = _change_first_number(new)
+    contaminated = _change_first_number(test)
+    questions = [new, "mia has 3 apples. how many?", "Mia has 2 apples. How many apples does Leo have?",
+                 new, near_copy, seed, contaminated, other, "Mia has 2 apples!"]
+    records, counts = filters.static_filters(questions, seeds=[seed], tests=[test], config=filters.FilterConfig())
+    assert [r["dropped_by"] for r in records] == [
+        None, "format", "solvable", "dedup_exact", "dedup_ngram", "dedup_exact", "decontaminated", None, "format"]
+    assert counts == {"sampled": 9, "after_format": 7, "after_solvable": 6, "after_dedup_exact": 4,
+                      "after_dedup_ngram": 3, "after_decontaminated": 2}
+    assert records[0]["answer"] == generate_problems(4, seed=11, min_steps=2, max_steps=3)[2].answer
+
+
+def test_ngram_index_tells_near_copies_from_other_problems():
+    index = filters.NgramIndex(3, 0.7)
+    problems = generate_problems(30, seed=2, min_steps=2, max_steps=3)
+    index.add(problems[0].question)
+    assert index.match(problems[0].question.lower()) == "exact"
+    assert index.match(_change_first_number(problems[0].question)) == "ngram"
+    assert all(index.match(p.question) is None for p in problems[1:])
+
+
+def test_the_verifier_selects_the_shortest_right_sample_and_never_writes_one():
+    problem = generate_problems(1, seed=3, min_steps=2, max_steps=2)[0]
+    right = problem.solution
+    longer = right.replace("\nAnswer:", "\nSo that is the count.\nAnswer:")
+    wrong_answer = right.rsplit("Answer:", 1)[0] + f"Answer: {problem.answer + 1}"
+    bad_equation = "1 + 1 = 3\n" + right
+    attempts = [wrong_answer, longer, bad_equation, right]
+    assert filters.select_best(problem.question, attempts) == right
+    assert filters.select_best(problem.question, [wrong_answer, bad_equation]) is None
+    record = filters.attempt_record(problem.question, attempts)
+    assert record["correct"] == 2 and record["failure_rate"] == 0.5 and record["best"] == right
+    assert filters.difficulty_keep(record, problem.steps, filters.FilterConfig()) is None
+    assert filters.difficulty_keep({**record, "correct": 0, "failure_rate": 1.0}, 3,
+                                   filters.FilterConfig()) == "unanswered"
+    assert filters.difficulty_keep({**record, "correct": 2, "failure_rate": 0.0}, 1,
+                                   filters.FilterConfig()) == "trivial"
+
+
+def test_qpo_labels_and_pairs():
+    kept = {"question": "q", "dropped_by": None, "steps": 3}
+    assert qpo.label({"dropped_by": "solvable"}, None, min_steps=2) == "rejected"
+    assert qpo.label({**kept, "steps": 1}, {"failure_rate": 0.5}, min_steps=2) == "rejected"
+    assert qpo.label(kept, {"failure_rate": 0.0}, min_steps=2) == "rejected"
+    assert qpo.label(kept, {"failure_rate": 0.25}, min_steps=2) == "chosen"
+    assert qpo.label({**kept, "dropped_by": "dedup_ngram"}, None, min_steps=2) is None
+    pairs = qpo.make_pairs(["a", "b", "c"], ["x", "y"], seed=0)
+    assert [p["chosen"] for p in pairs] == ["a", "b", "c"] and {p["rejected"] for p in pairs} == {"x", "y"}
+    assert qpo.make_pairs(["a"], [], seed=0) == []
+
+
+def test_finished_stages_are_read_back_and_cut_off_ones_rerun(tmp_path):
+    calls = []
+
+    def stage():
+        calls.append(1)
+        return [{"question": "Q", "n": len(calls)}], {"kept": 1}
+
+    first = Stages(tmp_path).run("filter", stage)
+    again = Stages(tmp_path)
+    assert again.run("filter", stage) == first and len(calls) == 1
+    assert again.skipped == ["filter"] and again.counts["filter"] == {"kept": 1}
+    (tmp_path / "cut.jsonl").write_text(json.dumps({"partial": True}) + "\n")  # no counts: cut off
+    assert again.run("cut", stage) == [{"question": "Q", "n": 2}] and len(calls) == 2
+
+
+def _change_first_number(question: str) -> str:
+    import re
+    return re.sub(r"\d+", lambda m: str(int(m.group()) + 1), question, count=1)
