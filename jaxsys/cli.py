@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jaxsys import launch
+from jaxsys import launch, planning
 from jaxsys.loading import describe_model_arg
 
 
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
     t.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
+    planning.add_train_arguments(t)
     _add_dtype(t)
     t.add_argument("--json", action="store_true", help="print one line of JSON with the results")
 
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_parser(sub)
     from jaxsys.quant import cli as quant_cli
     quant_cli.add_parser(sub)
+    planning.add_parser(sub)
     return parser
 
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxsys import comm
         from jaxsys.quant import cli as quant_cli
         commands = {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh, "export": cmd_export,
-                    "comm": comm.run, "launch": launch.run, "quantize": quant_cli.run}
+                    "comm": comm.run, "launch": launch.run, "quantize": quant_cli.run, "plan": planning.run}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"jaxsys {args.command}: error: {e}", file=sys.stderr)
@@ -199,12 +201,16 @@ def cmd_train(args) -> int:
     # Training keeps float32 master weights and Adam moments, whatever the source stored.
     config = dataclasses.replace(_with_dtype(config, args.dtype), remat=args.remat or config.remat,
                                  param_dtype="float32")
+    mesh, pipeline, pipeline_summary = None, None, None
+    if args.pipeline_stages > 1 or args.microbatches is not None:
+        mesh, pipeline, pipeline_summary = planning.training_pipeline(topology, config, args)
+    strategy = "zero3" if pipeline is not None and args.strategy == "fsdp" else args.strategy
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
-                     seed=args.seed, strategy=args.strategy, tensor_parallel=args.tensor_parallel,
-                     zero=zero_options(args),
+                     seed=args.seed, strategy=strategy, tensor_parallel=None if pipeline else args.tensor_parallel,
+                     zero=zero_options(args), pipeline=pipeline,
                      log_every=args.log_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last)
-    mesh = meshes.build_mesh(topology)
+    mesh = mesh or meshes.build_mesh(topology)
     # A checkpoint or Hugging Face folder always supplies the starting weights; with
     # --resume they are used only when --ckpt-dir holds no checkpoint yet.
     loaded = load_model(args.model) if kind != "preset" else None
@@ -227,7 +233,8 @@ def cmd_train(args) -> int:
                "last_loss": result.losses[-1] if result.losses else None,
                "start_step": result.start_step, "end_step": result.end_step,
                "tokens_per_s": _finite_or_none(result.tokens_per_s), "ckpt_dir": str(result.ckpt_dir),
-               "stopped_by_signal": result.stopped_by_signal}
+               "stopped_by_signal": result.stopped_by_signal,
+               **({"pipeline": pipeline_summary} if pipeline_summary else {})}
     if args.json:
         print(json.dumps(summary, allow_nan=False))
     elif not result.losses:

@@ -134,6 +134,12 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=50_432, dim=6144, n_layers=44, n_heads=64, n_kv_heads=64, ffn_dim=16_384,
         max_seq_len=2048, dtype="bfloat16",
     ),
+    # Megatron-LM's 39.1B GPT shape (48 layers, hidden 8192, 64 heads), the size of Holmes's
+    # 4-node TP 8 x PP 2 example, in Llama form: SwiGLU at 8/3 x hidden keeps the MLP's parameters.
+    "gpt-39b": ModelConfig(
+        vocab_size=51_200, dim=8192, n_layers=48, n_heads=64, n_kv_heads=64, ffn_dim=21_888,
+        max_seq_len=2048, dtype="bfloat16",
+    ),
 }
 
 

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     print(f"  held-out    {correct}/{len(samples)} one-step problems answered exactly")
     print(f"  speculate   {spec}")
     print(f"  ZeRO bytes  {traffic_line(config, mesh)}")
+    print(f"  pipeline    {pipeline_line()}")
     print(f"  total       {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -110,6 +111,17 @@ def speculative_line(loaded, plain_ids, tokenizer, corpus, problem) -> str:
     return (f"self-speculative decoding (32-token retrieval cache drafts 4): {len(tokens)} tokens, equal to "
             f"plain greedy: {tokens == plain_ids}; acceptance {metrics['levels']['target']['acceptance_rate']:.2f}, "
             f"{metrics['target_forwards_per_token']:.2f} full forwards per token")
+
+
+def pipeline_line() -> str:
+    """The NIC-aware pipeline plan for llama3-8b on the mixed IB/RoCE preset, against the naive order."""
+    from jaxsys.config import get_preset
+    from meshes.planner import plan_report
+
+    report = plan_report(meshes.load_topology("hetero-ib-roce"), get_preset("llama3-8b"), 8, 2, 2)
+    return (f"hetero-ib-roce llama3-8b TP8 x PP2 x DP2 (estimate): NIC-aware plan {report.plan.step_s:.2f} s/step "
+            f"vs naive device order {report.naive.step_s:.2f} s ({report.speedup_vs_naive:.2f}x), layers "
+            f"{'/'.join(map(str, report.plan.layers_per_stage))}, bubble {report.plan.bubble_fraction:.1%}")
 
 
 def traffic_line(config, mesh) -> str:

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxsys.checkpoint import Checkpointer, abstract_tree
 from jaxsys.config import ModelConfig
 from jaxsys.model import ModelDef
+from jaxsys.pipeline import DATA_STRATEGIES as PIPELINE_DATA_STRATEGIES, Pipeline, PipelineConfig
 from jaxsys.sharding import ShardingRules, make_rules, use_rules
 from jaxsys.sharding.zero import EXPLICIT_STRATEGIES, ExplicitStrategy, ZeroOptions, make_schedule
 
@@ -55,6 +56,7 @@ class TrainConfig:
     strategy: str = "fsdp"  # ddp | fsdp (XLA-scheduled) | zero3 | zeropp | hier (explicit schedules)
     tensor_parallel: str | None = None  # mesh level for heads / mlp (ddp, fsdp)
     zero: ZeroOptions = ZeroOptions()  # hpZ / qwZ / qgZ switches of the explicit schedules
+    pipeline: PipelineConfig | None = None  # pipeline stages over a (stage, data, tensor) mesh
     log_every: int = 10
     ckpt_every: int = 50
     keep_last: int = 3
@@ -74,11 +76,15 @@ class Batches(Protocol):
     def batch(self, step: int) -> np.ndarray: ...  # [batch_size, seq_len + 1] int32
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+def _matrices(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(tc: TrainConfig, decay_mask: Callable = _matrices) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine decay and clipping; `decay_mask` picks the decayed leaves (matrices)."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
         decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.min_lr_ratio)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731 - no decay on norms
     return optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask))
@@ -98,7 +104,23 @@ class Trainer:
         self.config, self.tc, self.mesh = model_config, tc, mesh
         self.model = ModelDef(model_config)
         self.explicit: ExplicitStrategy | None = None
-        if tc.strategy in EXPLICIT_STRATEGIES:
+        self.pipeline: Pipeline | None = None
+        self.param_shapes = self.model.shapes
+        decay_mask = _matrices
+        if tc.pipeline is not None:
+            if tc.strategy not in PIPELINE_DATA_STRATEGIES or tc.tensor_parallel is not None:
+                raise ValueError(f"pipeline stages combine with --strategy {' or '.join(PIPELINE_DATA_STRATEGIES)} "
+                                 f"on the data axis (got {tc.strategy}) and take tensor parallelism as a degree "
+                                 "of the plan, not a mesh level")
+            if loss_fn is not next_token_loss:
+                raise ValueError("the pipeline computes the next-token loss on its last stage; a custom loss_fn "
+                                 "needs the non-pipelined trainer")
+            self.pipeline = Pipeline(self.model, mesh, tc.pipeline, data_strategy=tc.strategy)
+            self.rules = ShardingRules(mesh, {"batch": ("data",)})
+            self.param_shardings = self.pipeline.param_shardings
+            self.param_shapes = self.pipeline.shapes
+            decay_mask = self.pipeline.decay_mask
+        elif tc.strategy in EXPLICIT_STRATEGIES:
             if tc.tensor_parallel is not None:
                 raise ValueError(f"--tensor-parallel combines with ddp or fsdp, not with {tc.strategy}")
             self.explicit = ExplicitStrategy(self.model, mesh, make_schedule(tc.strategy, mesh, tc.zero))
@@ -108,19 +130,23 @@ class Trainer:
             self.rules = make_rules(tc.strategy, mesh, tensor_parallel=tc.tensor_parallel)
             self.param_shardings = self.model.param_shardings(self.rules)
         data_devices = math.prod(mesh.shape[a] for a in self.rules.mesh_axes("batch"))
+        if self.pipeline is not None:
+            data_devices *= tc.pipeline.microbatches
         if (tc.batch_size // tc.grad_accum) % data_devices:
             raise ValueError(f"batch_size={tc.batch_size} / grad_accum={tc.grad_accum} must divide over the "
                              f"{data_devices} data-parallel devices ({' x '.join(self.rules.mesh_axes('batch'))}); "
-                             "pick a multiple, or fewer microbatches")
-        self.tx = make_optimizer(tc)
+                             + (f" x {tc.pipeline.microbatches} pipeline microbatches" if self.pipeline else "")
+                             + "; pick a multiple, or fewer microbatches")
+        self.tx = make_optimizer(tc, decay_mask)
         self.loss_fn = loss_fn
-        abstract_opt = jax.eval_shape(self.tx.init, self.model.shapes)
+        abstract_opt = jax.eval_shape(self.tx.init, self.param_shapes)
         self.opt_shardings = optax.tree_map_params(
             self.tx, lambda _, sh: sh, abstract_opt, self.param_shardings,
             transform_non_params=lambda _: NamedSharding(mesh, P()),
             is_leaf=lambda x: isinstance(x, NamedSharding))
         self.abstract_opt = abstract_opt
-        self.batch_sharding = self.rules.sharding(("batch", None), (tc.batch_size, tc.seq_len + 1))
+        self.batch_sharding = (self.pipeline.batch_sharding if self.pipeline is not None else
+                               self.rules.sharding(("batch", None), (tc.batch_size, tc.seq_len + 1)))
         state_sh = {"params": self.param_shardings, "opt_state": self.opt_shardings}
         self.step_fn = jax.jit(self._step, in_shardings=(state_sh, self.batch_sharding),
                                out_shardings=(state_sh, None), donate_argnums=0)
@@ -128,7 +154,9 @@ class Trainer:
                                 out_shardings=(None, self.param_shardings))
 
     def init_state(self, params=None) -> dict:
-        if params is None:
+        if self.pipeline is not None:  # the same weights as the unpipelined model for this seed
+            params = self.pipeline.to_pipeline(self.model.init(self.tc.seed) if params is None else params)
+        elif params is None:
             params = self.model.init(self.tc.seed, self.param_shardings)
         else:
             if jax.process_count() > 1:  # device_put spreads host arrays over every process's devices
@@ -145,7 +173,9 @@ class Trainer:
     def loss_and_grads(self, params, batch):
         """Loss and gradients (before the optimizer), averaged over microbatches."""
         with use_rules(self.rules):
-            if self.explicit is not None:
+            if self.pipeline is not None:
+                grad_fn = self.pipeline.loss_and_grads
+            elif self.explicit is not None:
                 grad_fn = partial(self.explicit.loss_and_grads, self.loss_fn)
             else:
                 grad_fn = jax.value_and_grad(lambda p, b: self.loss_fn(self.model, p, b))
@@ -177,10 +207,19 @@ class Trainer:
         return new_state, {"loss": loss, "grad_norm": grad_norm}
 
     def restore(self, ckpt: Checkpointer, step: int) -> dict:
+        param_shardings = self.param_shardings
+        if self.pipeline is not None:  # checkpoints hold the model's own layout (see saved_params)
+            param_shardings = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), self.model.shapes)
         params, opt_state = ckpt.restore(
-            step, abstract_tree(self.model.shapes, self.param_shardings),
+            step, abstract_tree(self.model.shapes, param_shardings),
             abstract_tree(self.abstract_opt, self.opt_shardings))
+        if self.pipeline is not None:
+            params = self.pipeline.to_pipeline(params)
         return {"params": params, "opt_state": opt_state}
+
+    def saved_params(self, params):
+        """Parameters as checkpoints store them: `ModelDef`'s layout, which generate and export read."""
+        return params if self.pipeline is None else self.pipeline.from_pipeline(params)
 
     def meta(self, step: int, extra: dict[str, Any]) -> dict[str, Any]:
         return {"step": step, "model": self.config.to_dict(), "train": dataclasses.asdict(self.tc),
@@ -274,7 +313,8 @@ def train(model_config: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, d
                 log.info("step %d/%d loss %.4f grad_norm %.3f", step, tc.steps, loss, grad_norm)
             stopping = _any_process(stop["signal"] is not None)
             if ckpt and (step % tc.ckpt_every == 0 or step == end or stopping):
-                ckpt.save(step, state["params"], state["opt_state"], trainer.meta(step, meta or {}))
+                ckpt.save(step, trainer.saved_params(state["params"]), state["opt_state"],
+                          trainer.meta(step, meta or {}))
                 saved_step = step
             if stopping:
                 log.warning("SIGTERM: saved step %d, exiting", step)

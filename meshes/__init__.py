@@ -6,12 +6,12 @@ simulated device count first; the JAX-side names (``build_mesh`` and friends) lo
 """
 from meshes.show import describe
 from meshes.simulate import ensure_host_device_count
-from meshes.topology import (NIC_KINDS, Level, NicGroup, Topology, list_presets,
+from meshes.topology import (NIC_KINDS, GroupLink, Level, NicGroup, Topology, list_presets,
                              load_topology, parse_topology)
 
 _BUILD_NAMES = ("build_mesh", "default_devices", "mesh_for_shape", "single_device_mesh")
 
-__all__ = ["NIC_KINDS", "Level", "NicGroup", "Topology", "describe",
+__all__ = ["NIC_KINDS", "GroupLink", "Level", "NicGroup", "Topology", "describe",
            "ensure_host_device_count", "list_presets", "load_topology", "parse_topology",
            *_BUILD_NAMES]
 

@@ -83,8 +83,14 @@ def describe(topology: Topology) -> str:
     lines += _levels_table(topology)
     if topology.nic_groups:
         lines += ["", f"nic groups (consecutive {topology.levels[-1].name}s):"]
-        rows = [["group", "kind", topology.levels[-1].name + "s", "GB/s per device"]]
-        rows += [[g.name, g.kind, str(g.nodes), f"{g.bandwidth_gbps:g}"] for g in topology.nic_groups]
+        rows = [["group", "kind", "fabric", topology.levels[-1].name + "s", "GB/s per device"]]
+        rows += [[g.name, g.kind, g.fabric, str(g.nodes), f"{g.bandwidth_gbps:g}"] for g in topology.nic_groups]
+        lines += _table(rows, "  ")
+    if topology.group_links:
+        lines += ["", "links between fabrics:"]
+        rows = [["fabrics", "kind", "GB/s per device"]]
+        rows += [["/".join(link.fabrics) or "any other pair", link.kind, f"{link.bandwidth_gbps:g}"]
+                 for link in topology.group_links]
         lines += _table(rows, "  ")
     lines += ["",
               f"total devices: {topology.num_devices}",

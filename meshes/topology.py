@@ -26,7 +26,19 @@ TOML format (levels innermost -> outermost)::
     name = "ib-island"
     kind = "infiniband"               # infiniband | roce | ethernet
     nodes = 2                         # consecutive outermost-level entries in this group
-    bandwidth_gbps = 25.0
+    bandwidth_gbps = 25.0             # per device, between nodes of the same fabric
+    latency_us = 8.0                  # optional
+    fabric = "ib"                     # optional: groups on one fabric share its switches;
+                                      # defaults to the kind (all InfiniBand nodes on one fabric)
+    peak_bf16_tflops = 312.0          # optional: this group's GPUs, if not the [device]'s
+
+    [[group_links]]                   # how different fabrics reach each other
+    kind = "ethernet"
+    bandwidth_gbps = 1.5              # per device, one direction, all devices busy
+    latency_us = 30.0
+    fabrics = ["ib", "roce"]          # optional: this pair only; omitted = any pair without its own
+
+Fabrics that no group link joins reach each other over the outermost level's link.
 """
 from __future__ import annotations
 
@@ -41,10 +53,12 @@ from typing import Any
 
 NIC_KINDS = ("infiniband", "roce", "ethernet")
 
-_TOP_KEYS = {"name", "description", "levels", "nic_groups", "device"}
+_TOP_KEYS = {"name", "description", "levels", "nic_groups", "group_links", "device"}
 _DEVICE_KEYS = {"name", "peak_bf16_tflops", "memory_gb"}
 _LEVEL_KEYS = {"name", "size", "bandwidth_gbps", "latency_us"}
-_NIC_KEYS = {"name", "kind", "nodes", "bandwidth_gbps"}
+_NIC_KEYS = {"name", "kind", "nodes", "bandwidth_gbps", "latency_us", "fabric", "peak_bf16_tflops"}
+_NIC_REQUIRED = ("bandwidth_gbps", "kind", "name", "nodes")
+_LINK_KEYS = {"kind", "bandwidth_gbps", "latency_us", "fabrics"}
 
 
 def _check_name(what: str, name: Any) -> None:
@@ -104,7 +118,8 @@ class Level:
 class NicGroup:
     """A group of nodes that share one kind of network card (Holmes-style clusters).
 
-    Parsed and validated only; the NIC-aware pipeline planner is what reads it.
+    The NIC-aware pipeline planner (:mod:`meshes.planner`) reads them: tensor- and
+    data-parallel groups stay inside one fabric, only pipeline traffic crosses fabrics.
 
     Attributes:
       name: the group's name.
@@ -112,14 +127,22 @@ class NicGroup:
         groups of different kinds is slow, so only pipeline traffic should cross them.
       nodes: how many entries of the outermost level (nodes) belong to this group.
         Groups take consecutive node indices in the order they are listed.
-      bandwidth_gbps: per-device GB/s, one direction, inside this group (same
-        convention as :attr:`Level.bandwidth_gbps`).
+      bandwidth_gbps: per-device GB/s, one direction, between nodes of this group's
+        fabric (same convention as :attr:`Level.bandwidth_gbps`).
+      latency_us: per-message start-up cost on this fabric (0.0: unknown).
+      fabric: groups with the same fabric share one switched network; "" (the
+        default) means the group's kind, so all InfiniBand groups form one fabric.
+      peak_bf16_tflops: the dense bf16 peak of this group's devices; None means the
+        topology's ``[device]``.
     """
 
     name: str
     kind: str
     nodes: int
     bandwidth_gbps: float
+    latency_us: float = 0.0
+    fabric: str = ""
+    peak_bf16_tflops: float | None = None
 
     def __post_init__(self):
         _check_name("nic group", self.name)
@@ -128,7 +151,48 @@ class NicGroup:
                 f"nic group {self.name!r} kind {self.kind!r} is not one of {', '.join(NIC_KINDS)}")
         _check_positive_int(f"nic group {self.name!r} nodes", self.nodes)
         _check_positive_number(f"nic group {self.name!r} bandwidth_gbps", self.bandwidth_gbps)
+        _check_latency(f"nic group {self.name!r}", self.latency_us)
+        if not isinstance(self.fabric, str):
+            raise ValueError(f"nic group {self.name!r} fabric must be a string, got {self.fabric!r}")
+        if self.peak_bf16_tflops is not None:
+            _check_positive_number(f"nic group {self.name!r} peak_bf16_tflops", self.peak_bf16_tflops)
+            object.__setattr__(self, "peak_bf16_tflops", float(self.peak_bf16_tflops))
         object.__setattr__(self, "bandwidth_gbps", float(self.bandwidth_gbps))
+        object.__setattr__(self, "latency_us", float(self.latency_us))
+        object.__setattr__(self, "fabric", self.fabric or self.kind)
+
+
+@dataclass(frozen=True)
+class GroupLink:
+    """The network between nodes of two different fabrics (e.g. Ethernet between IB and RoCE).
+
+    ``fabrics`` names the pair it joins; empty means every pair without an entry of its own.
+    Bandwidth and latency follow :class:`Level`'s per-device convention.
+    """
+
+    kind: str
+    bandwidth_gbps: float
+    latency_us: float = 0.0
+    fabrics: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in NIC_KINDS:
+            raise ValueError(f"group link kind {self.kind!r} is not one of {', '.join(NIC_KINDS)}")
+        _check_positive_number("group link bandwidth_gbps", self.bandwidth_gbps)
+        _check_latency("group link", self.latency_us)
+        fabrics = tuple(self.fabrics)
+        if fabrics and (len(fabrics) != 2 or fabrics[0] == fabrics[1]
+                        or not all(isinstance(f, str) and f for f in fabrics)):
+            raise ValueError(f"group link fabrics must name two different fabrics, got {list(fabrics)}")
+        object.__setattr__(self, "fabrics", tuple(sorted(fabrics)))
+        object.__setattr__(self, "bandwidth_gbps", float(self.bandwidth_gbps))
+        object.__setattr__(self, "latency_us", float(self.latency_us))
+
+
+def _check_latency(what: str, value: Any) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{what} latency_us must be a number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -167,10 +231,12 @@ class Topology:
     description: str = ""
     nic_groups: tuple[NicGroup, ...] = ()
     device: Device | None = None
+    group_links: tuple[GroupLink, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(self.levels))
         object.__setattr__(self, "nic_groups", tuple(self.nic_groups))
+        object.__setattr__(self, "group_links", tuple(self.group_links))
         if not self.levels:
             raise ValueError(f"topology {self.name!r} needs at least one level")
         names = [level.name for level in self.levels]
@@ -189,7 +255,30 @@ class Topology:
                 raise ValueError(
                     f"topology {self.name!r}: nic groups cover {grouped} {outer.name}s but the "
                     f"outermost level {outer.name!r} has size {outer.size}; make them agree")
+        fabrics = sorted({group.fabric for group in self.nic_groups})
+        for link in self.group_links:
+            unknown = [f for f in link.fabrics if f not in fabrics]
+            if unknown:
+                raise ValueError(f"topology {self.name!r}: group link names fabric(s) {unknown} that no nic "
+                                 f"group uses; fabrics are {', '.join(fabrics) or 'none'}")
 
+    def fabric_link(self, a: str, b: str) -> GroupLink | None:
+        """The group link between fabrics ``a`` and ``b``: its own entry, else the default entry,
+        else None (the outermost level's link then applies)."""
+        pair = tuple(sorted((a, b)))
+        for link in self.group_links:
+            if link.fabrics == pair:
+                return link
+        return next((link for link in self.group_links if not link.fabrics), None)
+
+    def node_group(self, node: int) -> NicGroup | None:
+        """The nic group of outermost-level entry ``node`` (None without nic groups)."""
+        first = 0
+        for group in self.nic_groups:
+            if first <= node < first + group.nodes:
+                return group
+            first += group.nodes
+        return None
     @property
     def num_devices(self) -> int:
         return math.prod(level.size for level in self.levels)
@@ -261,8 +350,18 @@ def _parse(data: Mapping[str, Any], default_name: str) -> Topology:
         where = f"[[nic_groups]] #{index + 1}"
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where} must be a table")
-        _check_keys(where, entry, _NIC_KEYS, required=tuple(sorted(_NIC_KEYS)))
+        _check_keys(where, entry, _NIC_KEYS, required=_NIC_REQUIRED)
         groups.append(NicGroup(**entry))
+    links_data = data.get("group_links", [])
+    if not isinstance(links_data, list):
+        raise ValueError("'group_links' must be an array of tables ([[group_links]] blocks)")
+    links = []
+    for index, entry in enumerate(links_data):
+        where = f"[[group_links]] #{index + 1}"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a table")
+        _check_keys(where, entry, _LINK_KEYS, required=("bandwidth_gbps", "kind"))
+        links.append(GroupLink(**entry))
     device = None
     if "device" in data:
         if not isinstance(data["device"], Mapping):
@@ -276,7 +375,7 @@ def _parse(data: Mapping[str, Any], default_name: str) -> Topology:
     if not isinstance(description, str):
         raise ValueError(f"'description' must be a string, got {description!r}")
     return Topology(name=name, levels=tuple(levels), description=description,
-                    nic_groups=tuple(groups), device=device)
+                    nic_groups=tuple(groups), device=device, group_links=tuple(links))
 
 
 def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str],
