@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_parser(sub)
     from jaxsys.quant import cli as quant_cli
     quant_cli.add_parser(sub)
+    from jaxsys import serve
+    serve.add_parser(sub)
     return parser
 
 
@@ -161,11 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         from jaxsys import comm
         from jaxsys.quant import cli as quant_cli
         commands = {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh, "export": cmd_export,
-                    "comm": comm.run, "launch": launch.run, "quantize": quant_cli.run}
+                    "comm": comm.run, "launch": launch.run, "quantize": quant_cli.run, "serve": _serve}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"jaxsys {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _serve(args) -> int:
+    from jaxsys import serve
+    return serve.run(args)
 
 
 def cmd_mesh(args) -> int:

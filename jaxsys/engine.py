@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxsys.kvcache.paged import PageAllocator, PagePoolExhausted, pages_per_sequence
 from jaxsys.model import ModelDef
-from jaxsys.nanobatch import Lane, empty_pools, serving_step
+from jaxsys.nanobatch import Lane, empty_pools, search_split, serving_step, time_call
 from jaxsys.sampling import SamplingParams
 
 log = logging.getLogger("jaxsys.engine")
@@ -397,13 +397,42 @@ class Engine:
         self._cv.notify_all()
 
     # ----- device work -----
-    def _program(self, rows: int, has_prefill: bool, filters: bool):
-        split = self.splits.get(rows, (rows,)) if rows else ()
+    def _program(self, rows: int, has_prefill: bool, filters: bool, split: tuple[int, ...] | None = None):
+        if split is None:
+            split = self.splits.get(rows, (rows,)) if rows else ()
         key = (rows, has_prefill, filters, split)
         if key not in self._programs:
             step = partial(serving_step, self.model, split=split, filters=filters, impl=self.config.attention_impl)
             self._programs[key] = jax.jit(step, donate_argnums=(1,))
         return self._programs[key]
+
+    def time_decode(self, split: tuple[int, ...], *, context: int | None = None, repeats: int = 5) -> float:
+        """Median seconds of one decode-only step of sum(split) rows at `context` tokens, with this split.
+
+        Every row reads and writes the same pages (the pool's content is scratch until a
+        sequence writes it), so call this before serving, not while sequences hold pages.
+        """
+        rows = sum(split)
+        context = min(context or self.max_len // 2, self.max_len - 1)
+        table = np.broadcast_to(np.arange(self.pages_per_sequence) % self.allocator.num_pages,
+                                (rows, self.pages_per_sequence))
+        zeros = np.zeros(rows, np.int32)
+        lane = Lane(jnp.asarray(zeros[:, None]), jnp.full((rows, 1), context, jnp.int32),
+                    jnp.asarray(table, jnp.int32), jnp.asarray(zeros),
+                    SamplingParams.make(rows))
+        program = self._program(rows, False, False, tuple(split))
+
+        def run():
+            tokens, _, self.pools = program(self.params, self.pools, lane, None)
+            return tokens
+        return time_call(run, repeats=repeats)
+
+    def search_splits(self, rows: int | None = None, *, context: int | None = None, max_parts: int = 4):
+        """The automatic nano-batch search (`jaxsys.nanobatch.search_split`) for `rows` decode rows; adopts the best."""
+        rows = rows or self.config.max_batch
+        result = search_split(lambda split: self.time_decode(split, context=context), rows, max_parts=max_parts)
+        self.splits[rows] = result.best
+        return result
 
     def _lane(self, rows: int, width: int, items: list[tuple[Sequence, int]]) -> Lane:
         tokens = np.zeros((rows, width), np.int32)
