@@ -63,6 +63,8 @@ class EngineConfig:
     prefill_chunk: int = 32  # prompt tokens per prefill lane per step
     prefill_lanes: int = 1
     max_queue: int = 64  # waiting requests before new ones get EngineBusy(429)
+    # KV pages the waiting requests' contexts need, as a multiple of the pool, before new ones get 503.
+    max_queued_pools: float = 4.0
     splits: tuple[tuple[int, ...], ...] = ()  # nano-batch splits by decode rows, e.g. ((8, 8),)
     attention_impl: str = "auto"
 
@@ -205,10 +207,12 @@ class Engine:
                 raise EngineBusy(f"the request queue is full ({self.config.max_queue} waiting); retry later",
                                  status=429, retry_after_s=1.0)
             pages = sum(self._pages_for(s.context_len + 1) for s in self._waiting)
-            if self._waiting and pages + self._pages_for(len(request.prompt) + 1) > self.allocator.num_pages:
+            limit = self.config.max_queued_pools * self.allocator.num_pages
+            if self._waiting and pages + self._pages_for(len(request.prompt) + 1) > limit:
                 self.counters["rejected_kv_full"] += 1
-                raise EngineBusy("the KV page pool is full: the queued requests already need every page; "
-                                 "retry later", status=503, retry_after_s=2.0)
+                raise EngineBusy(f"the KV page pool is full: the queued requests need {pages} pages, "
+                                 f"{self.config.max_queued_pools:g}x the pool; retry later", status=503,
+                                 retry_after_s=2.0)
             seq = Sequence(next(self._ids), request)
             self._waiting.append(seq)
             self.counters["requests"] += 1
