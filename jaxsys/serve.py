@@ -88,6 +88,7 @@ class Service:
             self.chat_template = env.from_string(chat_template)
         self.latency, self.ttft = Histogram(), Histogram()
         self.http_errors: dict[int, int] = {}
+        self.active = 0  # POST handlers still answering (SIGTERM waits for them)
         self._lock = threading.Lock()
         self.created = int(time.time())
 
@@ -280,6 +281,15 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route GET {path}", "not_found")
 
     def do_POST(self):  # noqa: N802
+        with self.service._lock:
+            self.service.active += 1
+        try:
+            self._post()
+        finally:
+            with self.service._lock:
+                self.service.active -= 1
+
+    def _post(self) -> None:
         from jaxsys.engine import EngineBusy
 
         path = self.path.split("?")[0]
@@ -461,7 +471,9 @@ def serve(service: Service, host: str, port: int, *, ready=print) -> None:
     def drain_then_stop():
         log.info("stopping: finishing %d in-flight request(s)", service.engine.snapshot()["running"])
         service.engine.stop(drain=True)
-        time.sleep(0.2)  # let handler threads write their last chunks
+        deadline = time.time() + 30
+        while service.active and time.time() < deadline:  # handlers writing their last chunks
+            time.sleep(0.02)
         server.shutdown()
 
     def on_signal(signum, frame):
