@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxsys.kvcache.paged import PageAllocator, PagePoolExhausted, pages_per_sequence
 from jaxsys.model import ModelDef
-from jaxsys.nanobatch import Lane, empty_pools, search_split, serving_step, time_call
+from jaxsys.nanobatch import Lane, empty_pools, search_split, serving_step, time_call, write_step
 from jaxsys.sampling import SamplingParams
 
 log = logging.getLogger("jaxsys.engine")
@@ -171,6 +171,7 @@ class Engine:
         self._running: list[Sequence] = []  # admission order: the last is preempted first
         self._ids = itertools.count()
         self._programs: dict = {}
+        self._write = jax.jit(write_step, donate_argnums=(0,))
         self._thread: threading.Thread | None = None
         self._stop = False
         self.draining = False
@@ -407,8 +408,28 @@ class Engine:
         key = (rows, has_prefill, filters, split)
         if key not in self._programs:
             step = partial(serving_step, self.model, split=split, filters=filters, impl=self.config.attention_impl)
-            self._programs[key] = jax.jit(step, donate_argnums=(1,))
+            self._programs[key] = jax.jit(step)
         return self._programs[key]
+
+    def _step(self, program, dec: Lane | None, pre: Lane | None):
+        """Run a step program, then store its new keys/values (pools donated to the write program)."""
+        dec_tokens, pre_tokens, writes = program(self.params, self.pools, dec, pre)
+        self.pools = self._write(self.pools, writes)
+        return dec_tokens, pre_tokens
+
+    def warmup(self, *, filters: tuple[bool, ...] = (False,)) -> int:
+        """Compile (by running once on rows that write nowhere) every step program; returns how many."""
+        count = 0
+        for rows in (0, *self.buckets):
+            for has_prefill in (False, True):
+                if not rows and not has_prefill:
+                    continue
+                for f in filters:
+                    dec = self._lane(rows, 1, []) if rows else None
+                    pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, []) if has_prefill else None
+                    jax.block_until_ready(self._step(self._program(rows, has_prefill, f), dec, pre))
+                    count += 1
+        return count
 
     def time_decode(self, split: tuple[int, ...], *, context: int | None = None, repeats: int = 5) -> float:
         """Median seconds of one decode-only step of sum(split) rows at `context` tokens, with this split.
@@ -427,8 +448,7 @@ class Engine:
         program = self._program(rows, False, False, tuple(split))
 
         def run():
-            tokens, _, self.pools = program(self.params, self.pools, lane, None)
-            return tokens
+            return self._step(program, lane, None)[0]
         return time_call(run, repeats=repeats)
 
     def search_splits(self, rows: int | None = None, *, context: int | None = None, max_parts: int = 4):
@@ -462,8 +482,7 @@ class Engine:
         filters = any(r.top_k > 0 or r.top_p < 1 for r in (s.request for s, _ in itertools.chain(*lanes)))
         dec = self._lane(rows, 1, lanes[0]) if decode else None
         pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, prefill) if prefill else None
-        dec_tokens, pre_tokens, self.pools = self._program(rows, bool(prefill), filters)(
-            self.params, self.pools, dec, pre)
+        dec_tokens, pre_tokens = self._step(self._program(rows, bool(prefill), filters), dec, pre)
         dec_tokens = np.asarray(dec_tokens)[:len(decode)] if decode else []
         pre_tokens = np.asarray(pre_tokens)[:len(prefill)] if prefill else []
         return dec_tokens, pre_tokens

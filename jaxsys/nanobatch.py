@@ -24,6 +24,7 @@ fitted from timed single-batch steps gives every candidate split a predicted tim
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from functools import partial
 from typing import NamedTuple
@@ -35,7 +36,9 @@ import numpy as np
 from jaxsys.kvcache.paged import decode_partial, causal_attention, token_pages, write_tokens
 from jaxsys.model import ModelDef
 from jaxsys.sampling import SamplingParams, sample
-from pallas_kernels.quant_attention.reference import gather_pages, merge_partials
+from pallas_kernels.quant_attention.reference import merge_partials
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "page_table", "new_k", "new_v"],
@@ -56,19 +59,53 @@ class StepCache:
         num_pages = self.k[0].shape[1]
         table = jnp.minimum(self.page_table, num_pages - 1)
         start = jnp.maximum(positions[:, 0], 0)  # tokens before the step live in pages
-        b, t, h, hd = q.shape
-        if t == 1:
+        if q.shape[1] == 1 and jax.default_backend() == "gpu":  # the paged decode kernel
             old_out, old_lse = decode_partial(q[:, 0], self.k, self.v, table, start, fmt="float", impl=self.impl)
             old_out, old_lse = old_out[:, None], old_lse[:, None]  # [b, 1, H, hd], [b, 1, H]
         else:
-            keys = gather_pages("float", self.k, table)  # [b, kvH, S, hd]
-            values = gather_pages("float", self.v, table)
-            slots = jnp.arange(keys.shape[2], dtype=jnp.int32)[None, :]
-            key_pos = jnp.where(slots < start[:, None], slots, -1)
-            old_out, old_lse = causal_attention(q, keys, values, key_pos, positions)
+            old_out, old_lse = scan_attention(q, self.k[0], self.v[0], table, start)
         new_out, new_lse = causal_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions)
         out, _ = merge_partials([old_out, new_out], [old_lse, new_lse])
         return out, dataclasses.replace(self, new_k=k, new_v=v)
+
+
+def scan_attention(q, k_pool, v_pool, table, start):
+    """Attention of q [b, T, H, hd] over each sequence's keys at positions < start [b], page by page.
+
+    An online softmax over the pages (FlashDecoding's split-K, one page per step of a
+    loop that stops after the longest sequence's last page), so no sequence's pages are
+    gathered into one array and the work follows the real context, not the table's width.
+    Pools [kv_heads, num_pages, page_size, hd]. Returns (out [b, T, H, hd], lse [b, T, H]) f32.
+    """
+    b, t, h, hd = q.shape
+    kv_heads, _, page_size, _ = k_pool.shape
+    groups = h // kv_heads
+    qg = q.astype(jnp.float32).reshape(b, t, kv_heads, groups, hd) / math.sqrt(hd)
+
+    def body(p, carry):
+        top, total, acc = carry  # [b, kvH, G, T], [b, kvH, G, T], [b, kvH, G, T, hd]
+        page = table[:, p]
+        k = k_pool[:, page].astype(jnp.float32)  # [kvH, b, page_size, hd]
+        v = v_pool[:, page].astype(jnp.float32)
+        scores = jnp.einsum("btkgd,kbsd->bkgts", qg, k, precision=_HIGHEST)
+        visible = p * page_size + jnp.arange(page_size)[None, :] < start[:, None]  # [b, page_size]
+        scores = jnp.where(visible[:, None, None, None, :], scores, -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
+        safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+        weights = jnp.exp(scores - safe[..., None])
+        rescale = jnp.exp(top - safe)
+        acc = acc * rescale[..., None] + jnp.einsum("bkgts,kbsd->bkgtd", weights, v, precision=_HIGHEST)
+        return new_top, total * rescale + jnp.sum(weights, axis=-1), acc
+
+    shape = (b, kv_heads, groups, t)
+    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (hd,)))
+    pages = jnp.minimum((jnp.max(start) + page_size - 1) // page_size, table.shape[1])
+    top, total, acc = jax.lax.fori_loop(0, pages, body, init)
+    has_keys = total > 0
+    out = acc / jnp.where(has_keys, total, 1.0)[..., None]
+    lse = jnp.where(has_keys, jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(jnp.where(has_keys, total, 1.0)),
+                    -jnp.inf)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd), lse.transpose(0, 3, 1, 2).reshape(b, t, h)
 
 
 class Lane(NamedTuple):
@@ -98,8 +135,8 @@ def serving_step(model: ModelDef, params, pools, decode: Lane | None, prefill: L
                  split: tuple[int, ...], filters: bool, impl: str = "auto", streams: bool = False):
     """Decode rows (cut into nano-batches of sizes `split`) and prefill lanes (one more nano-batch).
 
-    pools: per layer (k, v), each a 1-tuple of float pages. Returns (decode tokens [B] or
-    None, prefill tokens [P] or None, pools with every new token written).
+    pools: per layer (k, v), each a 1-tuple of float pages, only read. Returns (decode tokens
+    [B] or None, prefill tokens [P] or None, writes), `writes` being what `write_step` stores.
     """
     pieces, lanes = [], []
     if decode is not None:
@@ -112,20 +149,27 @@ def serving_step(model: ModelDef, params, pools, decode: Lane | None, prefill: L
     for i, lane in enumerate(lanes):
         run = partial(_forward, model, params, pools, lane, filters=filters, impl=impl)
         pieces.append(_on_stream(run, i) if streams else run())
-    # Every nano-batch's new tokens, flattened to rows of one token, in one scatter per layer.
+    # Every nano-batch's new tokens, flattened to rows of one token, for one scatter per layer.
     positions = jnp.concatenate([lane.positions.reshape(-1, 1) for lane in lanes])
     tables = jnp.concatenate([jnp.repeat(lane.page_table, lane.tokens.shape[1], axis=0) for lane in lanes])
     num_pages, page_size = pools[0][0][0].shape[1:3]
     pages, offsets = token_pages(tables, positions, page_size, num_pages)
-    new_pools = []
-    for layer, (k, v) in enumerate(pools):
-        new_k = jnp.concatenate([p[1][layer][0].reshape(-1, 1, *p[1][layer][0].shape[2:]) for p in pieces])
-        new_v = jnp.concatenate([p[1][layer][1].reshape(-1, 1, *p[1][layer][1].shape[2:]) for p in pieces])
-        new_pools.append((write_tokens(k, (new_k,), pages, offsets), write_tokens(v, (new_v,), pages, offsets)))
+    new_kv = []
+    for layer in range(len(pools)):
+        new_kv.append(tuple(jnp.concatenate([p[1][layer][i].reshape(-1, 1, *p[1][layer][i].shape[2:])
+                                             for p in pieces]) for i in (0, 1)))
     tokens = [p[0] for p in pieces]
     decode_tokens = jnp.concatenate(tokens[:len(split)]) if decode is not None else None
     prefill_tokens = tokens[-1] if prefill is not None else None
-    return decode_tokens, prefill_tokens, tuple(new_pools)
+    return decode_tokens, prefill_tokens, (tuple(new_kv), pages, offsets)
+
+
+def write_step(pools, writes):
+    """Scatter a step's new keys/values into the pools: its own program, so the pools (donated) update in
+    place (a program that also reads them would copy every pool)."""
+    new_kv, pages, offsets = writes
+    return tuple((write_tokens(k, (nk,), pages, offsets), write_tokens(v, (nv,), pages, offsets))
+                 for (k, v), (nk, nv) in zip(pools, new_kv))
 
 
 def _on_stream(run, index: int):
@@ -139,8 +183,10 @@ def empty_pools(config, num_pages: int, page_size: int, dtype=None) -> tuple:
     """Zeroed float page pools, one (k, v) per layer, built by one compiled program (donation needs it)."""
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (config.n_kv_heads, num_pages, page_size, config.resolved_head_dim)
+    # Committed to the device, as the pools every write step returns: one compiled step serves both.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.jit(lambda: tuple(((jnp.zeros(shape, dtype),), (jnp.zeros(shape, dtype),))
-                                 for _ in range(config.n_layers)))()
+                                 for _ in range(config.n_layers)), out_shardings=device)()
 
 
 def even_split(rows: int, parts: int, multiple: int = 1) -> tuple[int, ...]:

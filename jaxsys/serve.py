@@ -508,10 +508,13 @@ def add_parser(sub) -> None:
     s.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: max-batch full-"
                                                                "length sequences)")
     s.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill lane per step")
+    s.add_argument("--prefill-lanes", type=int, default=1, help="prompts prefilled side by side in one step")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request ends")
     s.add_argument("--nano-batches", default="1", metavar="N|auto",
                    help="split the full decode batch into N nano-batches, or 'auto': search at start-up")
+    s.add_argument("--warmup", action="store_true",
+                   help="compile every step program before accepting requests (no compile lands in a request)")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     s.add_argument("--seed", type=int, default=0, help="parameters of a bare preset")
 
@@ -533,7 +536,8 @@ def build_engine(args):
     model = ModelDef(config)
     params = loaded.params if loaded.params is not None else model.init(args.seed)
     engine_config = EngineConfig(max_batch=args.max_batch, max_len=args.max_len, page_size=args.page_size,
-                                 num_pages=args.num_pages, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
+                                 num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
+                                 prefill_lanes=args.prefill_lanes, max_queue=args.max_queue)
     if args.nano_batches not in ("auto",) and not args.nano_batches.isdigit():
         raise ValueError(f"--nano-batches {args.nano_batches!r}: give a count (1 = off) or 'auto'")
     if args.nano_batches.isdigit() and int(args.nano_batches) > 1:
@@ -547,6 +551,9 @@ def build_engine(args):
         search = engine.search_splits()
         log.info("nano-batch search: %s (measured %s)", search.best,
                  {k: f"{v * 1e3:.2f} ms" for k, v in search.measured.items()})
+    if args.warmup:
+        t0 = time.perf_counter()
+        log.info("warm-up: compiled %d step programs in %.1f s", engine.warmup(), time.perf_counter() - t0)
     return engine, loaded.tokenizer, loaded.path
 
 

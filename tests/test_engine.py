@@ -27,9 +27,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    """4 decode rows, 8-token pages, a pool of 12 pages: too few for 4 sequences of ~32 tokens (preemption)."""
+    """2 decode rows, 8-token pages, a pool of 12 pages: too few for two sequences of 40-52 tokens (preemption)."""
     model, params = tiny
-    return Engine(model, params, EngineConfig(max_batch=4, max_len=MAX_LEN, page_size=8, num_pages=12,
+    return Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, page_size=8, num_pages=12,
                                               prefill_chunk=16, max_queue=16))
 
 
