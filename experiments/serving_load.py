@@ -73,7 +73,8 @@ def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "jaxsys.cli", "serve", "--model", str(model), "--port", "0", "--warmup",
-           "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--prefill-chunk", "64", "--prefill-lanes", "2",
+           "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--prefill-chunk", "64",
+           "--prefill-lanes", "2",
            "--max-queue", "512", "--served-model-name", "small"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, cwd=ROOT, env=env)
     line = proc.stdout.readline()

@@ -67,6 +67,7 @@ class EngineConfig:
     max_queued_pools: float = 4.0
     splits: tuple[tuple[int, ...], ...] = ()  # nano-batch splits by decode rows, e.g. ((8, 8),)
     attention_impl: str = "auto"
+    streams: bool = False  # each nano-batch on its own GPU stream (`compute_on("gpu_stream:N")`)
 
     def __post_init__(self):
         for name in ("max_batch", "page_size", "prefill_chunk", "prefill_lanes", "max_queue"):
@@ -276,6 +277,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._cv:  # stopped: it may be started (or driven by run_until_idle) again
+            self._stop = self.draining = False
 
     def _loop(self) -> None:
         while True:
@@ -306,13 +309,12 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every request in the step gets the error, none hangs
             log.exception("serving step failed")
             with self._cv:
-                if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.pools)):
+                failed = decode + [s for s, _ in prefill]
+                if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.pools)):  # every sequence's KV is gone
                     self.pools = empty_pools(self.model.config, self.allocator.num_pages, self.config.page_size)
-                    for s in list(self._running):
-                        self._finish(s, ERROR, f"serving step failed: {e}")
-                for s, *_ in [*((s,) for s in decode), *prefill]:
-                    if s.finish_reason is None:
-                        self._finish(s, ERROR, f"serving step failed: {e}")
+                    failed = list(self._running)
+                for s in failed:
+                    self._finish(s, ERROR, f"serving step failed: {e}")
             return
         with self._cv:
             self.counters["steps"] += 1
@@ -407,7 +409,8 @@ class Engine:
             split = self.splits.get(rows, (rows,)) if rows else ()
         key = (rows, has_prefill, filters, split)
         if key not in self._programs:
-            step = partial(serving_step, self.model, split=split, filters=filters, impl=self.config.attention_impl)
+            step = partial(serving_step, self.model, split=split, filters=filters, impl=self.config.attention_impl,
+                           streams=self.config.streams)
             self._programs[key] = jax.jit(step)
         return self._programs[key]
 
