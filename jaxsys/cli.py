@@ -1,4 +1,4 @@
-"""The `jaxsys` command line: train, generate, mesh show.
+"""The `jaxsys` command line: train, generate, serve, plan, quantize, mesh show.
 
 Arguments are parsed before JAX is imported, so a command that needs N devices
 can set the simulated CPU device count first. Results go to stdout (`--json`
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxsys.quant import cli as quant_cli
     quant_cli.add_parser(sub)
     planning.add_parser(sub)
+    from jaxsys import serve
+    serve.add_parser(sub)
     return parser
 
 
@@ -163,11 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         from jaxsys import comm
         from jaxsys.quant import cli as quant_cli
         commands = {"train": cmd_train, "generate": cmd_generate, "mesh": cmd_mesh, "export": cmd_export,
-                    "comm": comm.run, "launch": launch.run, "quantize": quant_cli.run, "plan": planning.run}
+                    "comm": comm.run, "launch": launch.run, "quantize": quant_cli.run, "plan": planning.run,
+                    "serve": _serve}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"jaxsys {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _serve(args) -> int:
+    from jaxsys import serve
+    return serve.run(args)
 
 
 def cmd_mesh(args) -> int:

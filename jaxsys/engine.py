@@ -1,0 +1,491 @@
+"""The batching engine: a request queue, continuous batching over paged KV, preemption.
+
+Continuous batching as Orca and vLLM do it: requests join and leave the running batch
+at every step. A step is one compiled program (`jaxsys.nanobatch.serving_step`) over
+the decode rows of every running sequence that has its whole context in pages (one
+token each), plus `prefill_lanes` rows that push a chunk of `prefill_chunk` prompt
+tokens each, so long prompts are prefilled chunk by chunk between decode steps. Shapes
+are static: decode rows are padded up to a bucket (powers of two up to `max_batch`),
+so a handful of programs serve every mix.
+
+KV pages come from one `PageAllocator` pool, allocated on the host before each step
+for exactly the tokens that step writes, and returned when a sequence finishes, is
+cancelled or times out. When the pool runs out mid-decode, the most recently admitted
+sequence is preempted (vLLM's recompute policy): its pages are freed and it goes back
+to the front of the queue with its prompt and the tokens it has generated so far, to be
+prefilled again later. Requests that cannot fit the pool or the context are refused at
+submission; a full queue refuses with `EngineBusy` rather than waiting without bound.
+
+Sampling is per request (temperature, top-k, top-p, seed) and keyed by (seed, position),
+as in `jaxsys.decode`, so a request's tokens do not depend on what else is batched with
+it; greedy output equals `jaxsys.decode.generate` up to float reduction order.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsys.kvcache.paged import PageAllocator, PagePoolExhausted, pages_per_sequence
+from jaxsys.model import ModelDef
+from jaxsys.nanobatch import Lane, empty_pools, search_split, serving_step, time_call, write_step
+from jaxsys.sampling import SamplingParams
+
+log = logging.getLogger("jaxsys.engine")
+
+STOP, LENGTH, TIMEOUT, CANCELLED, ERROR = "stop", "length", "timeout", "cancelled", "error"
+
+
+class EngineBusy(RuntimeError):
+    """The engine refuses a request for now: `status` 429 (queue full) or 503 (KV pool full, stopping)."""
+
+    def __init__(self, message: str, *, status: int, retry_after_s: float):
+        super().__init__(message)
+        self.status, self.retry_after_s = status, retry_after_s
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # running sequences (decode rows of a step)
+    max_len: int | None = None  # prompt + generated tokens per sequence; default the model's max_seq_len
+    page_size: int = 16
+    num_pages: int | None = None  # default: max_batch full-length sequences
+    prefill_chunk: int = 32  # prompt tokens per prefill lane per step
+    prefill_lanes: int = 1
+    max_queue: int = 64  # waiting requests before new ones get EngineBusy(429)
+    # KV pages the waiting requests' contexts need, as a multiple of the pool, before new ones get 503.
+    max_queued_pools: float = 4.0
+    splits: tuple[tuple[int, ...], ...] = ()  # nano-batch splits by decode rows, e.g. ((8, 8),)
+    attention_impl: str = "auto"
+    streams: bool = False  # each nano-batch on its own GPU stream (`compute_on("gpu_stream:N")`)
+
+    def __post_init__(self):
+        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_lanes", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()  # EOS and stop tokens; the stop token is the last one generated
+    timeout_s: float | None = None  # from submission; the request ends with finish_reason "timeout"
+
+
+class Sequence:
+    """A submitted request and its progress; `stream()` yields its tokens as they come."""
+
+    def __init__(self, seq_id: int, request: Request):
+        self.id, self.request = seq_id, request
+        self.generated: list[int] = []
+        self.cached = 0  # tokens of prompt + generated whose keys/values are in pages
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.preemptions = 0
+        self.submitted = time.perf_counter()
+        self.deadline = None if request.timeout_s is None else self.submitted + request.timeout_s
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.cancel_requested = False
+        self.done = threading.Event()
+        self._events: queue.Queue = queue.Queue()
+
+    @property
+    def context_len(self) -> int:
+        return len(self.request.prompt) + len(self.generated)
+
+    def context(self, start: int, stop: int) -> list[int]:
+        prompt = self.request.prompt
+        return (prompt + self.generated)[start:stop] if stop > len(prompt) else prompt[start:stop]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    def stream(self, poll_s: float = 0.5):
+        """Token ids as they are generated, until the sequence ends (check `finish_reason` then)."""
+        while True:
+            try:
+                token = self._events.get(timeout=poll_s)
+            except queue.Empty:
+                if self.done.is_set() and self._events.empty():
+                    return
+                continue
+            if token is None:
+                return
+            yield token
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.submitted
+
+
+def buckets_for(max_batch: int) -> tuple[int, ...]:
+    sizes = {max_batch}
+    b = 1
+    while b < max_batch:
+        sizes.add(b)
+        b *= 2
+    return tuple(sorted(sizes))
+
+
+class Engine:
+    """Continuous batching for one model on one device. Thread-safe `submit`/`cancel`.
+
+    Run it in a background thread (`start`/`stop`) or drive it with `run_until_idle`.
+    """
+
+    def __init__(self, model: ModelDef, params, config: EngineConfig = EngineConfig()):
+        self.model, self.params, self.config = model, params, config
+        c = model.config
+        self.max_len = config.max_len or c.max_seq_len
+        self.pages_per_sequence = pages_per_sequence(self.max_len, config.page_size)
+        num_pages = config.num_pages or config.max_batch * self.pages_per_sequence
+        self.allocator = PageAllocator(num_pages, config.page_size)
+        self.pools = empty_pools(c, num_pages, config.page_size)
+        self.buckets = buckets_for(config.max_batch)
+        self.splits = {sum(s): tuple(s) for s in config.splits}
+        for rows, split in self.splits.items():
+            if rows not in self.buckets or min(split) < 1:
+                raise ValueError(f"nano-batch split {split} must be positive sizes adding up to a decode bucket "
+                                 f"{self.buckets}")
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []  # admission order: the last is preempted first
+        self._ids = itertools.count()
+        self._programs: dict = {}
+        self._write = jax.jit(write_step, donate_argnums=(0,))
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.draining = False
+        self.counters = collections.Counter()
+
+    # ----- requests -----
+    def check(self, request: Request) -> None:
+        """Host-side checks; a ValueError's message says what to change."""
+        prompt, vocab = request.prompt, self.model.config.vocab_size
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}) for this model")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise ValueError(f"max_tokens={request.max_tokens!r} must be an integer >= 1")
+        if len(prompt) + request.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                             f"context length {self.max_len}; shorten the prompt or ask for fewer tokens")
+        need = -(-(len(prompt) + request.max_tokens) // self.config.page_size)
+        if need > self.allocator.num_pages:
+            raise ValueError(f"this request needs {need} KV pages, the pool has {self.allocator.num_pages}")
+        if request.timeout_s is not None and not request.timeout_s > 0:
+            raise ValueError(f"timeout_s={request.timeout_s} must be > 0")
+        SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+
+    def submit(self, request: Request) -> Sequence:
+        """Queue a request; raises ValueError (bad request) or EngineBusy (try again later)."""
+        self.check(request)
+        with self._cv:
+            if self.draining or self._stop:
+                raise EngineBusy("the server is shutting down", status=503, retry_after_s=5.0)
+            if len(self._waiting) >= self.config.max_queue:
+                self.counters["rejected_queue_full"] += 1
+                raise EngineBusy(f"the request queue is full ({self.config.max_queue} waiting); retry later",
+                                 status=429, retry_after_s=1.0)
+            pages = sum(self._pages_for(s.context_len + 1) for s in self._waiting)
+            limit = self.config.max_queued_pools * self.allocator.num_pages
+            if self._waiting and pages + self._pages_for(len(request.prompt) + 1) > limit:
+                self.counters["rejected_kv_full"] += 1
+                raise EngineBusy(f"the KV page pool is full: the queued requests need {pages} pages, "
+                                 f"{self.config.max_queued_pools:g}x the pool; retry later", status=503,
+                                 retry_after_s=2.0)
+            seq = Sequence(next(self._ids), request)
+            self._waiting.append(seq)
+            self.counters["requests"] += 1
+            self.counters["prompt_tokens"] += len(request.prompt)
+            self._cv.notify_all()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End a request at the next step (its pages return to the pool); a finished one is left as is."""
+        with self._cv:
+            seq.cancel_requested = True
+            self._cv.notify_all()
+
+    def generate(self, requests: list[Request], timeout_s: float | None = None) -> list[Sequence]:
+        """Submit every request and wait for all (in the background thread if started, else here)."""
+        seqs = [self.submit(r) for r in requests]
+        if self._thread is None:
+            self.run_until_idle()
+        for s in seqs:
+            if not s.wait(timeout_s):
+                raise TimeoutError(f"request {s.id} did not finish in {timeout_s} s")
+        return seqs
+
+    # ----- state -----
+    def snapshot(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self._waiting), "running": len(self._running),
+                    "pages_in_use": self.allocator.num_pages - self.allocator.num_free,
+                    "pages_total": self.allocator.num_pages, **self.counters}
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._waiting and not self._running
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.config.page_size)
+
+    # ----- the loop -----
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="jaxsys-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, *, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stop the background thread; with `drain`, in-flight and queued requests finish first."""
+        with self._cv:
+            self.draining = True
+            if not drain:
+                for s in [*self._waiting, *self._running]:
+                    s.cancel_requested = True
+            self._cv.notify_all()
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        while self._thread is not None and not self.idle():
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            time.sleep(0.01)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cv:  # stopped: it may be started (or driven by run_until_idle) again
+            self._stop = self.draining = False
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stop:
+                    for s in [*self._waiting, *self._running]:
+                        self._finish(s, CANCELLED)
+                    return
+            self.step()
+
+    def run_until_idle(self) -> None:
+        while not self.idle():
+            self.step()
+
+    def step(self) -> None:
+        """One scheduling round: expire, admit, plan (allocating pages), run one program, record."""
+        with self._cv:
+            self._expire(time.perf_counter())
+            self._admit()
+            decode, prefill = self._plan()
+        if not decode and not prefill:
+            time.sleep(0.001)
+            return
+        try:
+            dec_tokens, pre_tokens = self._run(decode, prefill)
+        except Exception as e:  # noqa: BLE001 - every request in the step gets the error, none hangs
+            log.exception("serving step failed")
+            with self._cv:
+                failed = decode + [s for s, _ in prefill]
+                if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.pools)):  # every sequence's KV is gone
+                    self.pools = empty_pools(self.model.config, self.allocator.num_pages, self.config.page_size)
+                    failed = list(self._running)
+                for s in failed:
+                    self._finish(s, ERROR, f"serving step failed: {e}")
+            return
+        with self._cv:
+            self.counters["steps"] += 1
+            for s, token in zip(decode, dec_tokens):
+                s.cached += 1
+                self._append(s, int(token))
+            for (s, n), token in zip(prefill, pre_tokens):
+                s.cached += n
+                if s.cached == s.context_len:
+                    self._append(s, int(token))
+
+    def _expire(self, now: float) -> None:
+        for s in list(self._waiting) + list(self._running):
+            if s.cancel_requested:
+                self._finish(s, CANCELLED)
+            elif s.deadline is not None and now > s.deadline:
+                self._finish(s, TIMEOUT)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_batch:
+            s = self._waiting[0]
+            if self._pages_for(s.context_len + 1) > self.allocator.num_free:
+                return
+            self._waiting.popleft()
+            self._running.append(s)
+
+    def _plan(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        """Decode rows and prefill (sequence, tokens) of this step, with pages allocated for their tokens."""
+        decode, prefill = [], []
+        for s in list(self._running):
+            if s not in self._running:
+                continue  # preempted below for an older sequence
+            remaining = s.context_len - s.cached
+            if remaining > 1 and len(prefill) >= self.config.prefill_lanes:
+                continue
+            n = 1 if remaining == 1 else min(remaining, self.config.prefill_chunk)
+            if not self._allocate(s, s.cached + n):
+                continue
+            (decode.append(s) if remaining == 1 else prefill.append((s, n)))
+        return decode, prefill
+
+    def _allocate(self, s: Sequence, tokens: int) -> bool:
+        """Pages for `tokens` tokens of `s`, preempting the newest sequences; False if `s` itself was."""
+        while True:
+            try:
+                self.allocator.allocate(s.id, tokens)
+                return True
+            except PagePoolExhausted:
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is s:
+                    return False
+
+    def _preempt(self, s: Sequence) -> None:
+        if self.allocator.pages(s.id):
+            self.allocator.free(s.id)
+        s.cached = 0
+        s.preemptions += 1
+        self.counters["preemptions"] += 1
+        self._running.remove(s)
+        self._waiting.appendleft(s)
+
+    def _append(self, s: Sequence, token: int) -> None:
+        s.generated.append(token)
+        self.counters["generated_tokens"] += 1
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+        s._events.put(token)
+        if token in s.request.stop_ids:
+            self._finish(s, STOP)
+        elif len(s.generated) >= s.request.max_tokens:
+            self._finish(s, LENGTH)
+
+    def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
+        if s.finish_reason is not None:
+            return
+        if self.allocator.pages(s.id):
+            self.allocator.free(s.id)
+        if s in self._running:
+            self._running.remove(s)
+        elif s in self._waiting:
+            self._waiting.remove(s)
+        s.finish_reason, s.error, s.finished_at = reason, error, time.perf_counter()
+        self.counters[f"finished_{reason}"] += 1
+        s._events.put(None)
+        s.done.set()
+        self._cv.notify_all()
+
+    # ----- device work -----
+    def _program(self, rows: int, has_prefill: bool, filters: bool, split: tuple[int, ...] | None = None):
+        if split is None:
+            split = self.splits.get(rows, (rows,)) if rows else ()
+        key = (rows, has_prefill, filters, split)
+        if key not in self._programs:
+            step = partial(serving_step, self.model, split=split, filters=filters, impl=self.config.attention_impl,
+                           streams=self.config.streams)
+            self._programs[key] = jax.jit(step)
+        return self._programs[key]
+
+    def _step(self, program, dec: Lane | None, pre: Lane | None):
+        """Run a step program, then store its new keys/values (pools donated to the write program)."""
+        dec_tokens, pre_tokens, writes = program(self.params, self.pools, dec, pre)
+        self.pools = self._write(self.pools, writes)
+        return dec_tokens, pre_tokens
+
+    def warmup(self, *, filters: tuple[bool, ...] = (False,)) -> int:
+        """Compile (by running once on rows that write nowhere) every step program; returns how many."""
+        count = 0
+        for rows in (0, *self.buckets):
+            for has_prefill in (False, True):
+                if not rows and not has_prefill:
+                    continue
+                for f in filters:
+                    dec = self._lane(rows, 1, []) if rows else None
+                    pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, []) if has_prefill else None
+                    jax.block_until_ready(self._step(self._program(rows, has_prefill, f), dec, pre))
+                    count += 1
+        return count
+
+    def time_decode(self, split: tuple[int, ...], *, context: int | None = None, repeats: int = 5) -> float:
+        """Median seconds of one decode-only step of sum(split) rows at `context` tokens, with this split.
+
+        Every row reads and writes the same pages (the pool's content is scratch until a
+        sequence writes it), so call this before serving, not while sequences hold pages.
+        """
+        rows = sum(split)
+        context = min(context or self.max_len // 2, self.max_len - 1)
+        table = np.broadcast_to(np.arange(self.pages_per_sequence) % self.allocator.num_pages,
+                                (rows, self.pages_per_sequence))
+        zeros = np.zeros(rows, np.int32)
+        lane = Lane(jnp.asarray(zeros[:, None]), jnp.full((rows, 1), context, jnp.int32),
+                    jnp.asarray(table, jnp.int32), jnp.asarray(zeros),
+                    SamplingParams.make(rows))
+        program = self._program(rows, False, False, tuple(split))
+
+        def run():
+            return self._step(program, lane, None)[0]
+        return time_call(run, repeats=repeats)
+
+    def search_splits(self, rows: int | None = None, *, context: int | None = None, max_parts: int = 4):
+        """The automatic nano-batch search (`jaxsys.nanobatch.search_split`) for `rows` decode rows; adopts the best."""
+        rows = rows or self.config.max_batch
+        result = search_split(lambda split: self.time_decode(split, context=context), rows, max_parts=max_parts)
+        self.splits[rows] = result.best
+        return result
+
+    def _lane(self, rows: int, width: int, items: list[tuple[Sequence, int]]) -> Lane:
+        tokens = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), -1, np.int32)
+        select = np.zeros(rows, np.int32)
+        table = np.full((rows, self.pages_per_sequence), self.allocator.num_pages, np.int32)
+        temp, top_k, top_p, seed = np.zeros(rows, np.float32), np.zeros(rows, np.int32), \
+            np.ones(rows, np.float32), np.zeros(rows, np.int64)
+        for row, (s, n) in enumerate(items):
+            tokens[row, :n] = s.context(s.cached, s.cached + n)
+            positions[row, :n] = np.arange(s.cached, s.cached + n)
+            select[row] = n - 1
+            table[row] = self.allocator.page_table([s.id], self.pages_per_sequence)[0]
+            r = s.request
+            temp[row], top_k[row], top_p[row], seed[row] = r.temperature, r.top_k, r.top_p, r.seed
+        sp = SamplingParams(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p),
+                            jnp.asarray(seed.astype(np.uint32).astype(np.int32)))
+        return Lane(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(table), jnp.asarray(select), sp)
+
+    def _run(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
+        rows = next(b for b in self.buckets if b >= len(decode)) if decode else 0
+        lanes = [(s, 1) for s in decode], prefill
+        filters = any(r.top_k > 0 or r.top_p < 1 for r in (s.request for s, _ in itertools.chain(*lanes)))
+        dec = self._lane(rows, 1, lanes[0]) if decode else None
+        pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, prefill) if prefill else None
+        dec_tokens, pre_tokens = self._step(self._program(rows, bool(prefill), filters), dec, pre)
+        dec_tokens = np.asarray(dec_tokens)[:len(decode)] if decode else []
+        pre_tokens = np.asarray(pre_tokens)[:len(prefill)] if prefill else []
+        return dec_tokens, pre_tokens

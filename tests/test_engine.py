@@ -1,0 +1,148 @@
+"""The batching engine: continuous batching gives the answers of plain decoding, and every page comes back."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsys.config import get_preset
+from jaxsys.decode import Decoder
+from jaxsys.engine import Engine, EngineBusy, EngineConfig, Request
+from jaxsys.model import ModelDef
+from jaxsys.nanobatch import CostModel, Lane, empty_pools, search_split, serving_step
+from jaxsys.sampling import SamplingParams
+
+TINY = get_preset("tiny")
+MAX_LEN = 64
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = ModelDef(TINY)
+    return model, model.init(0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    """2 decode rows, 8-token pages, a pool of 9 pages: too few for two sequences of 31-52 tokens (preemption)."""
+    model, params = tiny
+    return Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, page_size=8, num_pages=9,
+                                              prefill_chunk=16, max_queue=16))
+
+
+def random_prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 259, n).tolist() for n in lengths]
+
+
+def assert_same_or_near_tie(model, params, prompt, got, want, tie=1e-3):
+    """Equal tokens, or a first difference where the reference's top-2 logits are within `tie`."""
+    if got == want:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    logits = model.apply(params, jnp.asarray([prompt + want[:i]]))[0][0, -1]
+    top2 = np.sort(np.asarray(logits))[-2:]
+    assert top2[1] - top2[0] < tie and {got[i], want[i]} <= set(np.argsort(np.asarray(logits))[-2:].tolist()), \
+        f"token {i} differs ({got[i]} vs {want[i]}) at a logit gap of {top2[1] - top2[0]:.2e}"
+
+
+def test_continuous_batching_greedy_equals_decode_generate_and_frees_every_page(tiny, engine):
+    model, params = tiny
+    # Lengths 1..40: single-token prompts decode at once; 33 and 40 span three 16-token prefill chunks.
+    prompts = random_prompts((1, 5, 19, 40, 7, 33))
+    want = Decoder(model, params, max_len=MAX_LEN, batch=len(prompts)).generate(prompts, max_new_tokens=NEW)
+    before = engine.counters["preemptions"]
+    seqs = engine.generate([Request(p, max_tokens=NEW) for p in prompts])
+    for p, s, row in zip(prompts, seqs, np.asarray(want.tokens)):
+        assert s.finish_reason == "length" and len(s.generated) == NEW
+        assert_same_or_near_tie(model, params, p, s.generated, row.tolist())
+    assert engine.counters["preemptions"] > before  # 9 pages cannot hold two of them: some were recomputed
+    assert engine.allocator.num_free == engine.allocator.num_pages
+    assert engine.snapshot()["running"] == 0 and engine.snapshot()["waiting"] == 0
+
+
+def test_stop_tokens_limits_and_sampling_are_per_request(tiny, engine):
+    model, params = tiny
+    prompts = random_prompts((6, 9, 6), seed=1)
+    free = engine.generate([Request(p, max_tokens=10) for p in prompts])
+    stop = free[0].generated[3]
+    sampled = Request(prompts[2], max_tokens=10, temperature=1.0, top_k=50, seed=8)
+    seqs = engine.generate([Request(prompts[0], max_tokens=10, stop_ids=(stop,)),
+                            Request(prompts[1], max_tokens=4), sampled])
+    n0 = free[0].generated.index(stop) + 1
+    assert seqs[0].generated == free[0].generated[:n0] and seqs[0].finish_reason == "stop"
+    assert seqs[1].generated == free[1].generated[:4] and seqs[1].finish_reason == "length"
+    alone = Decoder(model, params, max_len=MAX_LEN, batch=1).generate(
+        [prompts[2]], max_new_tokens=10, sampling=SamplingParams.make(1, temperature=1.0, top_k=50, seed=8))
+    assert seqs[2].generated == np.asarray(alone.tokens[0]).tolist()  # same seed, same draws, any batch
+    assert seqs[2].generated != free[2].generated
+    assert engine.allocator.num_free == engine.allocator.num_pages
+
+
+def test_cancel_and_timeout_end_requests_and_return_their_pages(tiny, engine):
+    timed = engine.submit(Request(random_prompts((4,))[0], max_tokens=40, timeout_s=0.01))
+    time.sleep(0.05)  # expired before the engine runs a step
+    engine.start()
+    try:
+        long = engine.submit(Request(random_prompts((20,))[0], max_tokens=40))
+        first = next(long.stream())  # it is running
+        engine.cancel(long)
+        assert long.wait(30) and timed.wait(30)
+        assert long.finish_reason == "cancelled" and first == long.generated[0] and len(long.generated) < 40
+        assert timed.finish_reason == "timeout" and timed.generated == []
+        deadline = time.time() + 10
+        while engine.allocator.num_free != engine.allocator.num_pages and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.allocator.num_free == engine.allocator.num_pages
+    finally:
+        engine.stop()
+
+
+def test_bad_and_excess_requests_are_refused_with_reasons(tiny, engine):
+    with pytest.raises(ValueError, match="exceeds the context length 64"):
+        engine.submit(Request(list(range(60)), max_tokens=5))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit(Request([], max_tokens=5))
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        engine.submit(Request([1], max_tokens=0))
+    with pytest.raises(ValueError, match=r"\[0, 384\)"):
+        engine.submit(Request([1, 999], max_tokens=2))
+    model, params = tiny
+    small = Engine(model, params, EngineConfig(max_batch=1, max_len=MAX_LEN, page_size=8, max_queue=2))
+    small.submit(Request([1], max_tokens=2))
+    small.submit(Request([2], max_tokens=2))
+    with pytest.raises(EngineBusy, match="queue is full") as busy:
+        small.submit(Request([3], max_tokens=2))
+    assert busy.value.status == 429 and busy.value.retry_after_s > 0
+
+
+def test_nano_batches_compute_what_one_batch_computes(tiny):
+    model, params = tiny
+    pools = empty_pools(TINY, 10, 8)
+    rng = np.random.default_rng(3)
+    rows, pps = 4, 2
+    table = np.arange(rows * pps, dtype=np.int32).reshape(rows, pps)
+    lane = Lane(jnp.asarray(rng.integers(0, 259, (rows, 1)), jnp.int32), jnp.asarray([[0], [3], [9], [-1]], jnp.int32),
+                jnp.asarray(table), jnp.zeros(rows, jnp.int32), SamplingParams.make(rows))
+    prefill = Lane(jnp.asarray(rng.integers(0, 259, (1, 8)), jnp.int32), jnp.arange(8, dtype=jnp.int32)[None],
+                   jnp.asarray([[8, 9]], jnp.int32), jnp.asarray([7], jnp.int32), SamplingParams.make(1))
+    step = jax.jit(serving_step, static_argnums=0, static_argnames=("split", "filters"))
+    one = step(model, params, pools, lane, prefill, split=(4,), filters=False)
+    two = step(model, params, pools, lane, prefill, split=(1, 3), filters=False)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_split_search_fits_the_cost_model_and_keeps_the_fastest_measured():
+    # A device where 2 and 3 nano-batches overlap well and 4 pay too much fixed cost.
+    truth = {(16,): 10.0, (4,): 4.0, (8,): 6.0, (8, 8): 9.0, (6, 5, 5): 9.8, (4, 4, 4, 4): 11.0, (4, 12): 9.5}
+    calls = []
+    result = search_split(lambda s: calls.append(s) or truth[s], 16, top=3)
+    assert result.best == (8, 8) and result.measured[result.best] == 9.0
+    assert result.cost_model.fixed == pytest.approx(2.0) and result.cost_model.per_row == pytest.approx(0.5)
+    assert 0 < result.cost_model.overlap < 1 and result.speedup() == pytest.approx(10 / 9)
+    assert set(calls) <= set(truth) and len(calls) == len(set(calls))  # each split measured once
+    assert CostModel(2.0, 0.5, overlap=1.0).predict((8, 8)) == pytest.approx(8.0)

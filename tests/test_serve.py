@@ -1,0 +1,224 @@
+"""`jaxsys serve` as clients use it: a live server on 127.0.0.1, a real HTTP client, streaming included."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+
+from jaxsys.config import get_preset
+from jaxsys.hf import export_hf
+from jaxsys.model import ModelDef
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-test"
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random tiny model with the byte tokenizer and a chat template, as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("serve") / "tiny-byte"
+    config = get_preset("tiny")
+    export_hf(folder, config, ModelDef(config).init(0))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """One server for the module (the last test stops it with SIGTERM)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxsys.cli", "serve", "--model", str(model_dir), "--port", "0",
+                             "--api-key", KEY, "--max-batch", "2", "--max-len", "128", "--page-size", "8",
+                             "--prefill-chunk", "16", "--max-queue", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    line = proc.stdout.readline()  # "serving NAME on http://127.0.0.1:PORT"
+    if "serving" not in line:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line}{proc.stderr.read()[-3000:]}")
+    url = line.split()[-1]
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    yield proc, client, url
+    client.close()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+
+
+def complete(client, **body):
+    return client.post("/v1/completions", json={"model": "tiny-byte", "temperature": 0, **body})
+
+
+def events(response):
+    """Parsed `data:` events of a server-sent event stream, and whether it ended with [DONE]."""
+    out, done = [], False
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            if line == "data: [DONE]":
+                done = True
+            else:
+                out.append(json.loads(line[6:]))
+    return out, done
+
+
+def pages_in_use(client) -> int:
+    text = client.get("/metrics").text
+    return int(next(line.split()[-1] for line in text.splitlines() if line.startswith("jaxsys_kv_pages_in_use ")))
+
+
+def test_models_health_and_api_key(server):
+    _, client, url = server
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-byte"
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/v1/models").status_code == 401
+    wrong = httpx.post(url + "/v1/completions", json={"model": "tiny-byte", "prompt": "a"},
+                       headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
+
+
+def test_greedy_completion_equals_jaxsys_generate(server, model_dir):
+    from jaxsys.data import load_tokenizer
+    from jaxsys.generate import Generator
+    from jaxsys.loading import load_model
+
+    _, client, _ = server
+    loaded = load_model(str(model_dir))
+    generator = Generator(ModelDef(loaded.config), loaded.params, max_len=64)
+    ids = [257, 72, 101, 108, 108, 111]
+    want = generator.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids
+    by_ids = complete(client, prompt=ids, max_tokens=8, ignore_eos=True).json()
+    assert by_ids["choices"][0]["token_ids"] == want
+    assert by_ids["usage"] == {"prompt_tokens": 6, "completion_tokens": 8, "total_tokens": 14}
+    by_text = complete(client, prompt="Hello", max_tokens=8, ignore_eos=True).json()  # BOS + bytes, as --prompt
+    assert load_tokenizer("byte").encode("Hello") == ids and by_text["choices"][0]["token_ids"] == want
+    assert by_text["choices"][0]["finish_reason"] == "length" and isinstance(by_text["choices"][0]["text"], str)
+
+
+def test_streaming_sends_the_same_tokens_as_events(server):
+    _, client, _ = server
+    whole = complete(client, prompt="stream me", max_tokens=6, ignore_eos=True).json()["choices"][0]
+    with client.stream("POST", "/v1/completions", json={"model": "tiny-byte", "prompt": "stream me", "max_tokens": 6,
+                                                        "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        chunks, done = events(r)
+    assert done and [t for c in chunks for t in c["choices"][0]["token_ids"]] == whole["token_ids"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_chat_completions_use_the_chat_template(server):
+    _, client, _ = server
+    body = {"model": "tiny-byte", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True}
+    reply = client.post("/v1/chat/completions", json=body).json()
+    rendered = "<user>hi\n<assistant>"  # what the template makes of the messages; BOS is added to it
+    assert reply["object"] == "chat.completion" and reply["usage"]["prompt_tokens"] == 1 + len(rendered)
+    same = complete(client, prompt=rendered, max_tokens=5, ignore_eos=True).json()
+    assert reply["choices"][0]["token_ids"] == same["choices"][0]["token_ids"]
+    assert reply["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks, done = events(r)
+    assert done and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == reply["choices"][0]["token_ids"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"prompt": "a"}, 400, "'model'"),
+    ({"model": "gpt-4", "prompt": "a"}, 404, "does not exist"),
+    ({"model": "tiny-byte"}, 400, "'prompt' is required"),
+    ({"model": "tiny-byte", "prompt": {"a": 1}}, 400, "string or a list of token ids"),
+    ({"model": "tiny-byte", "prompt": "a", "max_tokens": "ten"}, 400, "must be an integer"),
+    ({"model": "tiny-byte", "prompt": "a", "max_tokens": -3}, 400, "must be >= 1"),
+    ({"model": "tiny-byte", "prompt": "a", "max_tokens": 10 ** 9}, 400, "exceeds the context length 128"),
+    ({"model": "tiny-byte", "prompt": "x" * 200, "max_tokens": 4}, 400, "exceeds the context length 128"),
+    ({"model": "tiny-byte", "prompt": [1, 100000]}, 400, "token ids must be integers in"),
+    ({"model": "tiny-byte", "prompt": "a", "temperature": "hot"}, 400, "'temperature' must be a number"),
+    ({"model": "tiny-byte", "prompt": "a", "stream": "yes"}, 400, "'stream' must be a boolean"),
+])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
+    _, client, _ = server
+    if isinstance(body, bytes):
+        r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    assert client.get("/health").status_code == 200
+
+
+def test_disconnect_mid_stream_frees_pages(server):
+    _, client, _ = server
+    with client.stream("POST", "/v1/completions", json={"model": "tiny-byte", "prompt": "go", "max_tokens": 120,
+                                                        "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["token_ids"]
+        assert pages_in_use(client) > 0
+    deadline = time.time() + 30
+    while pages_in_use(client) and time.time() < deadline:
+        time.sleep(0.05)
+    assert pages_in_use(client) == 0
+    assert 'jaxsys_requests_finished_total{reason="cancelled"} 1' in client.get("/metrics").text
+
+
+def test_a_full_queue_answers_429_with_a_retry_hint(server):
+    _, client, _ = server
+    results = []
+
+    def one():
+        results.append(complete(client, prompt=[257, 1, 2], max_tokens=100, ignore_eos=True))
+
+    threads = [threading.Thread(target=one) for _ in range(12)]  # 2 running + 2 queued; the rest refused
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results)
+    refused = [r for r in results if r.status_code == 429]
+    assert codes.count(200) >= 4 and refused, codes
+    assert all(int(r.headers["Retry-After"]) >= 1 and "queue is full" in r.json()["error"]["message"] for r in refused)
+    answers = [r.json()["choices"][0]["token_ids"] for r in results if r.status_code == 200]
+    assert all(a == answers[0] and len(a) == 100 for a in answers)  # the same prompt, greedily: the same answer
+    assert pages_in_use(client) == 0
+
+
+def test_sigterm_lets_in_flight_requests_finish(server):
+    proc, client, _ = server
+    with client.stream("POST", "/v1/completions", json={"model": "tiny-byte", "prompt": "bye", "max_tokens": 80,
+                                                        "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        proc.send_signal(signal.SIGTERM)
+        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert rest[-1]["choices"][0]["finish_reason"] == "length" and rest[-1]["usage"]["completion_tokens"] == 80
+    assert proc.wait(60) == 0
+
+
+def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
+    from jaxsys.engine import Engine, EngineConfig
+    from jaxsys.serve import Service, make_server
+
+    config = dataclasses.replace(get_preset("tiny"), tokenizer=None)
+    model = ModelDef(config)
+    service = Service(Engine(model, model.init(0), EngineConfig(max_batch=1, max_len=32)), None, "ids-only")
+    server = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        r = httpx.post(url + "/v1/completions", json={"model": "ids-only", "prompt": "hello"})
+        assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "ids-only", "messages": [{"role": "user",
+                                                                                            "content": "hi"}]})
+        assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
