@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     config = dataclasses.replace(get_preset("tiny"), n_layers=1, dim=96, head_dim=24, ffn_dim=192, dtype="bfloat16")
     shapes = ModelDef(config).shapes
     out = []
-    for shape in [(2, 2, 2), (3, 2, 2), (2, 4, 2)]:
+    for shape in [(3, 2, 2), (2, 4, 2)]:  # a level of 3, and levels of unequal sizes
         n = shape[0] * shape[1] * shape[2]
         mesh = meshes.mesh_for_shape(("node", "gpu", "gcd"), shape, devices=jax.devices()[:n])
         for strategy in ("zero3", "zeropp", "hier"):
@@ -46,7 +46,7 @@ def test_analytic_bytes_match_compiled_hlo_within_5_percent():
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 9
+    assert len(rows) == 6
     for row in rows:
         for level, predicted in row["model"].items():
             measured = row["hlo"][level]
