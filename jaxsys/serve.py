@@ -233,10 +233,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, code: str = "invalid_request_error", headers=()) -> None:
         self.service.count_error(status)
-        self.close_connection = True  # the body may be unread: never reuse this connection
+        # The body may be unread: never reuse this connection, and say so, or an HTTP/1.1
+        # client would send its next request down a socket the server is closing.
+        self.close_connection = True
         kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
             status, "server_error" if status >= 500 else "invalid_request_error")
-        self._send(status, {"error": {"message": message, "type": kind, "code": code}}, headers=headers)
+        self._send(status, {"error": {"message": message, "type": kind, "code": code}},
+                   headers=[*headers, ("Connection", "close")])
 
     def _authorized(self) -> bool:
         key = self.service.api_key

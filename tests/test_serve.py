@@ -38,7 +38,7 @@ def server(model_dir):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen([sys.executable, "-m", "jaxsys.cli", "serve", "--model", str(model_dir), "--port", "0",
-                             "--api-key", KEY, "--max-batch", "2", "--max-len", "128", "--page-size", "8",
+                             "--api-key", KEY, "--max-batch", "2", "--max-len", "1024", "--page-size", "8",
                              "--prefill-chunk", "16", "--max-queue", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     line = proc.stdout.readline()  # "serving NAME on http://127.0.0.1:PORT"
@@ -140,8 +140,8 @@ def test_chat_completions_use_the_chat_template(server):
     ({"model": "tiny-byte", "prompt": {"a": 1}}, 400, "string or a list of token ids"),
     ({"model": "tiny-byte", "prompt": "a", "max_tokens": "ten"}, 400, "must be an integer"),
     ({"model": "tiny-byte", "prompt": "a", "max_tokens": -3}, 400, "must be >= 1"),
-    ({"model": "tiny-byte", "prompt": "a", "max_tokens": 10 ** 9}, 400, "exceeds the context length 128"),
-    ({"model": "tiny-byte", "prompt": "x" * 200, "max_tokens": 4}, 400, "exceeds the context length 128"),
+    ({"model": "tiny-byte", "prompt": "a", "max_tokens": 10 ** 9}, 400, "exceeds the context length 1024"),
+    ({"model": "tiny-byte", "prompt": "x" * 1100, "max_tokens": 4}, 400, "exceeds the context length 1024"),
     ({"model": "tiny-byte", "prompt": [1, 100000]}, 400, "token ids must be integers in"),
     ({"model": "tiny-byte", "prompt": "a", "temperature": "hot"}, 400, "'temperature' must be a number"),
     ({"model": "tiny-byte", "prompt": "a", "stream": "yes"}, 400, "'stream' must be a boolean"),
@@ -158,7 +158,8 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, body, s
 
 def test_disconnect_mid_stream_frees_pages(server):
     _, client, _ = server
-    with client.stream("POST", "/v1/completions", json={"model": "tiny-byte", "prompt": "go", "max_tokens": 120,
+    # 1000 tokens: still generating when the client has read the first event and looks at the pages.
+    with client.stream("POST", "/v1/completions", json={"model": "tiny-byte", "prompt": "go", "max_tokens": 1000,
                                                         "temperature": 0, "ignore_eos": True, "stream": True}) as r:
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["token_ids"]
