@@ -70,13 +70,12 @@ def tuning(candidate, batch: int, context: int):
     """kwargs of `paged_decode_attention` for a sweep candidate (None: its defaults)."""
     if candidate is None:
         return {}
-    from pallas_kernels.quant_attention.kernel import BlockSizes
+    from pallas_kernels.quant_attention.kernel import BlockSizes, default_num_splits
 
     pages_per_block, num_warps, programs = candidate
     num_blocks = -(-context // PAGE_SIZE // pages_per_block)
-    splits = max(1, min(num_blocks, -(-programs // (batch * KV_HEADS))))
     return {"block_sizes": BlockSizes(pages_per_block=pages_per_block, num_warps=num_warps),
-            "num_splits": splits}
+            "num_splits": default_num_splits(batch, KV_HEADS, num_blocks, target=programs)}
 
 
 def methods_for(fmt_name: str, tune: dict | None = None):

@@ -147,8 +147,6 @@ def serving_line(loaded, prompts, plain_ids, eos_id) -> str:
 
 def traffic_line(config, mesh) -> str:
     """MB per device per step on each level for zero3 / zeropp / hier (bf16), from the analytic model."""
-    import dataclasses
-
     from jaxsys.model import ModelDef
     from jaxsys.sharding.traffic import param_infos, schedule_bytes
     from jaxsys.sharding.zero import make_schedule, param_dims

@@ -329,39 +329,29 @@ def parse_topology(data: Mapping[str, Any], source: str, default_name: str = "")
         raise ValueError(f"{source}: {error}") from None
 
 
+def _tables(data: Mapping[str, Any], key: str, allowed, required, cls) -> list:
+    """The ``[[key]]`` blocks of ``data`` as ``cls`` instances (none when the key is absent)."""
+    entries = data.get(key, [])
+    if not isinstance(entries, list):
+        raise ValueError(f"'{key}' must be an array of tables ([[{key}]] blocks)")
+    out = []
+    for index, entry in enumerate(entries):
+        where = f"[[{key}]] #{index + 1}"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a table")
+        _check_keys(where, entry, allowed, required=required)
+        out.append(cls(**entry))
+    return out
+
+
 def _parse(data: Mapping[str, Any], default_name: str) -> Topology:
     _check_keys("top-level", data, _TOP_KEYS, required=("levels",))
-    levels_data = data["levels"]
-    if not isinstance(levels_data, list) or not levels_data:
+    if not isinstance(data["levels"], list) or not data["levels"]:
         raise ValueError("'levels' must be a non-empty array of tables ([[levels]] blocks), "
                          "innermost level first")
-    levels = []
-    for index, entry in enumerate(levels_data):
-        where = f"[[levels]] #{index + 1}"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a table")
-        _check_keys(where, entry, _LEVEL_KEYS, required=("name", "size", "bandwidth_gbps"))
-        levels.append(Level(**entry))
-    groups_data = data.get("nic_groups", [])
-    if not isinstance(groups_data, list):
-        raise ValueError("'nic_groups' must be an array of tables ([[nic_groups]] blocks)")
-    groups = []
-    for index, entry in enumerate(groups_data):
-        where = f"[[nic_groups]] #{index + 1}"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a table")
-        _check_keys(where, entry, _NIC_KEYS, required=_NIC_REQUIRED)
-        groups.append(NicGroup(**entry))
-    links_data = data.get("group_links", [])
-    if not isinstance(links_data, list):
-        raise ValueError("'group_links' must be an array of tables ([[group_links]] blocks)")
-    links = []
-    for index, entry in enumerate(links_data):
-        where = f"[[group_links]] #{index + 1}"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a table")
-        _check_keys(where, entry, _LINK_KEYS, required=("bandwidth_gbps", "kind"))
-        links.append(GroupLink(**entry))
+    levels = _tables(data, "levels", _LEVEL_KEYS, ("name", "size", "bandwidth_gbps"), Level)
+    groups = _tables(data, "nic_groups", _NIC_KEYS, _NIC_REQUIRED, NicGroup)
+    links = _tables(data, "group_links", _LINK_KEYS, ("bandwidth_gbps", "kind"), GroupLink)
     device = None
     if "device" in data:
         if not isinstance(data["device"], Mapping):

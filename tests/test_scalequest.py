@@ -1,6 +1,5 @@
 """The pieces of experiments/scalequest: DPO, filters, the verifier's choice, resumable stages."""
 
-import dataclasses
 import json
 
 import jax

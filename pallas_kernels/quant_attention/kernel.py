@@ -79,9 +79,9 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def default_num_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
-    """Enough splits to give about TARGET_PROGRAMS programs, each with a few blocks of pages."""
-    return max(1, min(num_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
+def default_num_splits(batch: int, kv_heads: int, num_blocks: int, target: int = TARGET_PROGRAMS) -> int:
+    """Enough splits to give about `target` programs, each with a few blocks of pages."""
+    return max(1, min(num_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(target, batch * kv_heads)))
 
 
 def check_kernel(q, k_pages: tuple, v_pages: tuple, page_table, lengths, *, fmt: str,
