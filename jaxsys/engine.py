@@ -16,6 +16,13 @@ to the front of the queue with its prompt and the tokens it has generated so far
 prefilled again later. Requests that cannot fit the pool or the context are refused at
 submission; a full queue refuses with `EngineBusy` rather than waiting without bound.
 
+With `speculative="draft"` (and a draft model), every decode row runs a speculative round
+per step instead (`jaxsys.spec_serving`): the draft model proposes `gamma` tokens over its
+own pages (same page tables), the target verifies them in one forward, and each sequence
+keeps its accepted drafts plus the target's token, so greedy output is unchanged and
+sampled output keeps its distribution; `speculative_metrics()` gives the acceptance.
+The retrieval modes of `jaxsys generate` (`self`, `triforce`) are not served here.
+
 Sampling is per request (temperature, top-k, top-p, seed) and keyed by (seed, position),
 as in `jaxsys.decode`, so a request's tokens do not depend on what else is batched with
 it; greedy output equals `jaxsys.decode.generate` up to float reduction order.
@@ -44,6 +51,7 @@ from jaxsys.sampling import SamplingParams
 log = logging.getLogger("jaxsys.engine")
 
 STOP, LENGTH, TIMEOUT, CANCELLED, ERROR = "stop", "length", "timeout", "cancelled", "error"
+SPECULATIVE_MODES = ("none", "draft")
 
 
 class EngineBusy(RuntimeError):
@@ -68,11 +76,16 @@ class EngineConfig:
     splits: tuple[tuple[int, ...], ...] = ()  # nano-batch splits by decode rows, e.g. ((8, 8),)
     attention_impl: str = "auto"
     streams: bool = False  # each nano-batch on its own GPU stream (`compute_on("gpu_stream:N")`)
+    speculative: str = "none"  # "draft": a draft model proposes `gamma` tokens per round (`jaxsys.spec_serving`)
+    gamma: int = 4
 
     def __post_init__(self):
-        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_lanes", "max_queue"):
+        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_lanes", "max_queue", "gamma"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"EngineConfig.speculative={self.speculative!r}: the engine serves "
+                             f"{SPECULATIVE_MODES} (retrieval modes `self`/`triforce` run in `jaxsys generate`)")
 
 
 @dataclasses.dataclass
@@ -99,6 +112,7 @@ class Sequence:
         self.preemptions = 0
         self.submitted = time.perf_counter()
         self.deadline = None if request.timeout_s is None else self.submitted + request.timeout_s
+        self.rounds = 0  # speculative rounds (a key for their random draws)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.cancel_requested = False
@@ -153,14 +167,22 @@ class Engine:
     Run it in a background thread (`start`/`stop`) or drive it with `run_until_idle`.
     """
 
-    def __init__(self, model: ModelDef, params, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: ModelDef, params, config: EngineConfig = EngineConfig(), *,
+                 draft: ModelDef | None = None, draft_params=None):
         self.model, self.params, self.config = model, params, config
         c = model.config
+        if (config.speculative == "draft") != (draft is not None and draft_params is not None):
+            raise ValueError("speculative='draft' needs a draft model and its params (and only then takes them)")
+        if draft is not None and draft.config.vocab_size != c.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                             f"({c.vocab_size}); speculative decoding needs the same token ids")
+        self.draft, self.draft_params = draft, draft_params
         self.max_len = config.max_len or c.max_seq_len
         self.pages_per_sequence = pages_per_sequence(self.max_len, config.page_size)
         num_pages = config.num_pages or config.max_batch * self.pages_per_sequence
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.pools = empty_pools(c, num_pages, config.page_size)
+        self.draft_pools = empty_pools(draft.config, num_pages, config.page_size) if draft else None
         self.buckets = buckets_for(config.max_batch)
         self.splits = {sum(s): tuple(s) for s in config.splits}
         for rows, split in self.splits.items():
@@ -177,6 +199,7 @@ class Engine:
         self._stop = False
         self.draining = False
         self.counters = collections.Counter()
+        self.spec_accepted_at = np.zeros(config.gamma, np.int64)  # rounds that accepted draft j (speculative)
 
     # ----- requests -----
     def check(self, request: Request) -> None:
@@ -191,7 +214,7 @@ class Engine:
         if len(prompt) + request.max_tokens > self.max_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
                              f"context length {self.max_len}; shorten the prompt or ask for fewer tokens")
-        need = -(-(len(prompt) + request.max_tokens) // self.config.page_size)
+        need = -(-min(len(prompt) + request.max_tokens + self._lookahead, self.max_len) // self.config.page_size)
         if need > self.allocator.num_pages:
             raise ValueError(f"this request needs {need} KV pages, the pool has {self.allocator.num_pages}")
         if request.timeout_s is not None and not request.timeout_s > 0:
@@ -245,12 +268,28 @@ class Engine:
                     "pages_in_use": self.allocator.num_pages - self.allocator.num_free,
                     "pages_total": self.allocator.num_pages, **self.counters}
 
+    def speculative_metrics(self) -> dict:
+        """Acceptance of the speculative rounds so far: overall, per draft position, tokens per target forward."""
+        with self._cv:
+            rounds, drafted, accepted = (self.counters[k] for k in ("spec_rounds", "spec_drafted", "spec_accepted"))
+            at = self.spec_accepted_at.copy()
+        emitted = accepted + rounds  # each round adds its accepted drafts and the target's token
+        return {"rounds": rounds, "acceptance": accepted / drafted if drafted else 0.0,
+                "acceptance_by_position": (at / rounds).tolist() if rounds else [0.0] * len(at),
+                "mean_accepted": accepted / rounds if rounds else 0.0,
+                "target_forwards_per_token": rounds / emitted if emitted else 0.0}
+
     def idle(self) -> bool:
         with self._cv:
             return not self._waiting and not self._running
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.config.page_size)
+
+    @property
+    def _lookahead(self) -> int:
+        """Positions past the next token that a decode step writes (the drafted tokens)."""
+        return self.config.gamma - 1 if self.config.speculative == "draft" else 0
 
     # ----- the loop -----
     def start(self) -> None:
@@ -305,22 +344,34 @@ class Engine:
             time.sleep(0.001)
             return
         try:
-            dec_tokens, pre_tokens = self._run(decode, prefill)
+            if self.draft is not None:
+                dec_tokens, pre_tokens = self._run_speculative(decode, prefill)
+            else:
+                dec_tokens, pre_tokens = self._run(decode, prefill)
         except Exception as e:  # noqa: BLE001 - every request in the step gets the error, none hangs
             log.exception("serving step failed")
             with self._cv:
                 failed = decode + [s for s, _ in prefill]
-                if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.pools)):  # every sequence's KV is gone
+                if any(leaf.is_deleted() for leaf in jax.tree.leaves((self.pools, self.draft_pools))):
+                    # every sequence's KV is gone
                     self.pools = empty_pools(self.model.config, self.allocator.num_pages, self.config.page_size)
+                    if self.draft is not None:
+                        self.draft_pools = empty_pools(self.draft.config, self.allocator.num_pages,
+                                                       self.config.page_size)
                     failed = list(self._running)
                 for s in failed:
                     self._finish(s, ERROR, f"serving step failed: {e}")
             return
         with self._cv:
             self.counters["steps"] += 1
-            for s, token in zip(decode, dec_tokens):
-                s.cached += 1
-                self._append(s, int(token))
+            for s, tokens in zip(decode, dec_tokens):
+                if self.draft is None:
+                    tokens = (tokens,)
+                for token in tokens:  # a speculative round: the accepted drafts, then the target's token
+                    if s.finish_reason is not None:
+                        break
+                    s.cached += 1
+                    self._append(s, int(token))
             for (s, n), token in zip(prefill, pre_tokens):
                 s.cached += n
                 if s.cached == s.context_len:
@@ -351,7 +402,8 @@ class Engine:
             if remaining > 1 and len(prefill) >= self.config.prefill_lanes:
                 continue
             n = 1 if remaining == 1 else min(remaining, self.config.prefill_chunk)
-            if not self._allocate(s, s.cached + n):
+            ahead = self._lookahead if remaining == 1 else 0
+            if not self._allocate(s, min(s.cached + n + ahead, self.max_len)):
                 continue
             (decode.append(s) if remaining == 1 else prefill.append((s, n)))
         return decode, prefill
@@ -423,6 +475,16 @@ class Engine:
     def warmup(self, *, filters: tuple[bool, ...] = (False,)) -> int:
         """Compile (by running once on rows that write nowhere) every step program; returns how many."""
         count = 0
+        if self.draft is not None:
+            for f in filters:
+                for rows in self.buckets:
+                    self._run_speculative_lanes(self._lane(rows, 2, []), np.zeros(rows, np.int32), None, f)
+                    count += 1
+                self._run_speculative_lanes(None, None, self._lane(self.config.prefill_lanes,
+                                                                   self.config.prefill_chunk, []), f)
+                count += 1
+            jax.block_until_ready(self.pools)
+            return count
         for rows in (0, *self.buckets):
             for has_prefill in (False, True):
                 if not rows and not has_prefill:
@@ -461,7 +523,8 @@ class Engine:
         self.splits[rows] = result.best
         return result
 
-    def _lane(self, rows: int, width: int, items: list[tuple[Sequence, int]]) -> Lane:
+    def _lane(self, rows: int, width: int, items: list[tuple[Sequence, int]], start=None) -> Lane:
+        """Rows of `n` tokens from each sequence's position `start(s)` (default: its first uncached token)."""
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), -1, np.int32)
         select = np.zeros(rows, np.int32)
@@ -469,8 +532,10 @@ class Engine:
         temp, top_k, top_p, seed = np.zeros(rows, np.float32), np.zeros(rows, np.int32), \
             np.ones(rows, np.float32), np.zeros(rows, np.int64)
         for row, (s, n) in enumerate(items):
-            tokens[row, :n] = s.context(s.cached, s.cached + n)
-            positions[row, :n] = np.arange(s.cached, s.cached + n)
+            first = s.cached if start is None else start(s)
+            lo = max(first, 0)  # positions before 0 stay padding
+            tokens[row, lo - first:n] = s.context(lo, first + n)
+            positions[row, lo - first:n] = np.arange(lo, first + n)
             select[row] = n - 1
             table[row] = self.allocator.page_table([s.id], self.pages_per_sequence)[0]
             r = s.request
@@ -478,6 +543,59 @@ class Engine:
         sp = SamplingParams(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p),
                             jnp.asarray(seed.astype(np.uint32).astype(np.int32)))
         return Lane(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(table), jnp.asarray(select), sp)
+
+    def _spec_program(self, kind: str, rows: int, filters: bool):
+        key = ("speculative", kind, rows, filters)
+        if key not in self._programs:
+            from jaxsys import spec_serving
+            if kind == "decode":
+                step = partial(spec_serving.spec_decode_step, self.model, self.draft, gamma=self.config.gamma,
+                               max_len=self.max_len, filters=filters)
+            else:
+                step = partial(spec_serving.spec_prefill_step, self.model, self.draft, filters=filters)
+            self._programs[key] = jax.jit(step, donate_argnums=(3,))  # the draft pools update in place
+        return self._programs[key]
+
+    def _run_speculative(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
+        """A speculative round for the decode rows, then the prefill lanes (target and draft model)."""
+        lanes = [s for s in decode], [s for s, _ in prefill]
+        filters = any(r.top_k > 0 or r.top_p < 1 for r in (s.request for s in itertools.chain(*lanes)))
+        dec = pre = rounds = None
+        if decode:
+            rows = next(b for b in self.buckets if b >= len(decode))
+            dec = self._lane(rows, 2, [(s, 2) for s in decode], start=lambda s: s.cached - 1)
+            rounds = np.zeros(rows, np.int32)
+            rounds[:len(decode)] = [s.rounds for s in decode]
+        if prefill:
+            pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, prefill)
+        out, pre_tokens = self._run_speculative_lanes(dec, rounds, pre, filters)
+        dec_tokens = []
+        if decode:
+            drafted, k, token = (np.asarray(x) for x in out)
+            gamma = self.config.gamma
+            for i, s in enumerate(decode):
+                s.rounds += 1
+                dec_tokens.append([*drafted[i, :k[i]].tolist(), int(token[i])])
+                self.counters["spec_rounds"] += 1
+                self.counters["spec_drafted"] += gamma
+                self.counters["spec_accepted"] += int(k[i])
+                self.spec_accepted_at[:k[i]] += 1
+        return dec_tokens, np.asarray(pre_tokens)[:len(prefill)] if prefill else []
+
+    def _run_speculative_lanes(self, dec: Lane | None, rounds, pre: Lane | None, filters: bool):
+        """Run the speculative decode program (then the target's writes) and the prefill program on lanes."""
+        out = pre_tokens = None
+        if dec is not None:
+            rows = dec.tokens.shape[0]
+            drafted, k, token, writes, self.draft_pools = self._spec_program("decode", rows, filters)(
+                self.params, self.draft_params, self.pools, self.draft_pools, dec, jnp.asarray(rounds))
+            self.pools = self._write(self.pools, writes)
+            out = drafted, k, token
+        if pre is not None:
+            pre_tokens, writes, self.draft_pools = self._spec_program("prefill", pre.tokens.shape[0], filters)(
+                self.params, self.draft_params, self.pools, self.draft_pools, pre)
+            self.pools = self._write(self.pools, writes)
+        return out, pre_tokens
 
     def _run(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
         rows = next(b for b in self.buckets if b >= len(decode)) if decode else 0

@@ -452,6 +452,14 @@ def metrics_text(service: Service) -> str:
     metric("jaxsys_running_sequences", "gauge", "Sequences in the running batch.", [("", snap["running"])])
     metric("jaxsys_kv_pages_in_use", "gauge", "KV cache pages held by sequences.", [("", snap["pages_in_use"])])
     metric("jaxsys_kv_pages_total", "gauge", "KV cache pages in the pool.", [("", snap["pages_total"])])
+    if service.engine.draft is not None:
+        spec = service.engine.speculative_metrics()
+        metric("jaxsys_spec_rounds_total", "counter", "Speculative rounds (one target forward per sequence).",
+               [("", spec["rounds"])])
+        metric("jaxsys_spec_acceptance", "gauge", "Fraction of drafted tokens accepted, by draft position.",
+               [(f'{{position="{j}"}}', round(a, 6)) for j, a in enumerate(spec["acceptance_by_position"])])
+        metric("jaxsys_spec_target_forwards_per_token", "gauge", "Target forwards per token of speculative rounds.",
+               [("", round(spec["target_forwards_per_token"], 6))])
     lines += service.latency.lines("jaxsys_request_latency_seconds", "Submission to last token.")
     lines += service.ttft.lines("jaxsys_time_to_first_token_seconds", "Submission to first token.")
     return "\n".join(lines) + "\n"
@@ -515,6 +523,10 @@ def add_parser(sub) -> None:
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request ends")
     s.add_argument("--nano-batches", default="1", metavar="N|auto",
                    help="split the full decode batch into N nano-batches, or 'auto': search at start-up")
+    s.add_argument("--speculative", default="none", choices=("none", "draft"),
+                   help="draft: a draft model proposes --gamma tokens per round, the model verifies them (lossless)")
+    s.add_argument("--draft", default=None, help="the draft model (same vocabulary) for --speculative draft")
+    s.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative round")
     s.add_argument("--warmup", action="store_true",
                    help="compile every step program before accepting requests (no compile lands in a request)")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
@@ -539,7 +551,15 @@ def build_engine(args):
     params = loaded.params if loaded.params is not None else model.init(args.seed)
     engine_config = EngineConfig(max_batch=args.max_batch, max_len=args.max_len, page_size=args.page_size,
                                  num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
-                                 prefill_lanes=args.prefill_lanes, max_queue=args.max_queue)
+                                 prefill_lanes=args.prefill_lanes, max_queue=args.max_queue,
+                                 speculative=args.speculative, gamma=args.gamma)
+    draft = draft_params = None
+    if (args.speculative == "draft") != (args.draft is not None):
+        raise ValueError("--speculative draft and --draft PATH go together")
+    if args.draft is not None:
+        loaded_draft = load_model(args.draft)
+        draft = ModelDef(dataclasses.replace(loaded_draft.config, dtype=dtype))
+        draft_params = loaded_draft.params if loaded_draft.params is not None else draft.init(args.seed + 1)
     if args.nano_batches not in ("auto",) and not args.nano_batches.isdigit():
         raise ValueError(f"--nano-batches {args.nano_batches!r}: give a count (1 = off) or 'auto'")
     if args.nano_batches.isdigit() and int(args.nano_batches) > 1:
@@ -548,7 +568,9 @@ def build_engine(args):
         n = int(args.nano_batches)
         engine_config = dataclasses.replace(engine_config, splits=tuple(
             even_split(rows, n) for rows in buckets_for(args.max_batch) if rows >= n))
-    engine = Engine(model, params, engine_config)
+    if args.speculative == "draft" and args.nano_batches != "1":
+        raise ValueError("--nano-batches applies to plain decoding; drop it with --speculative draft")
+    engine = Engine(model, params, engine_config, draft=draft, draft_params=draft_params)
     if args.nano_batches == "auto":
         search = engine.search_splits()
         log.info("nano-batch search: %s (measured %s)", search.best,

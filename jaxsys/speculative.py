@@ -151,24 +151,36 @@ def _draft(model, params, cache, seq, n, gamma, sp, active, round_, level, filte
 
 def _verify(model, params, cache, seq, n, q, gamma, sp, active, round_, level, filters, residual):
     """Score seq[n .. n+gamma) under the verifier -> (k accepted [B], next token [B], p [B, gamma+1, V], cache)."""
-    b = seq.shape[0]
-    rows = jnp.arange(b)
     logits, cache = _feed(model, params, cache, seq, n + gamma, gamma + 2, active)
     p = warp(logits[:, 1:], sp, filters=filters)  # p[:, j]: distribution of position n + j
     drafted = jnp.take_along_axis(seq, n[:, None] + jnp.arange(gamma)[None, :], axis=1)  # [B, gamma]
-    p_d = jnp.take_along_axis(p[:, :gamma], drafted[..., None], axis=-1)[..., 0]
-    q_d = jnp.take_along_axis(q, drafted[..., None], axis=-1)[..., 0]
     u = jax.vmap(lambda j: jax.vmap(jax.random.uniform)(_keys(sp, ACCEPT, n + j, round_, level)), out_axes=1)(
         jnp.arange(gamma))
-    accept = u * q_d < p_d  # u < p/q without dividing by q (q_d > 0: d was drawn from q)
-    k = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # leading accepts
+    k, token = accept(p, q, drafted, u, lambda k: _keys(sp, RESIDUAL, n + k, round_, level), residual=residual)
+    return k, token, p, cache
+
+
+def accept(p, q, drafted, u, residual_keys, *, residual: bool = True):
+    """The verifier's rule -> (k accepted [B], next token [B]).
+
+    p [B, gamma+1, V]: the verifier's warped distributions at the drafted positions and one
+    more; q [B, gamma, V]: the drafter's; drafted [B, gamma]; u [B, gamma] uniforms;
+    `residual_keys(k)` the keys [B] of the draw at index k. Token j is accepted while
+    u_j q_j(d_j) < p_j(d_j); then a token from normalize(max(p_k - q_k, 0)) (from p_k
+    after all gamma, or with `residual=False`, which is not exact: for the power test).
+    """
+    b, gamma = drafted.shape
+    rows = jnp.arange(b)
+    p_d = jnp.take_along_axis(p[:, :gamma], drafted[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q, drafted[..., None], axis=-1)[..., 0]
+    accepted = u * q_d < p_d  # u < p/q without dividing by q (q_d > 0: d was drawn from q)
+    k = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)  # leading accepts
     p_k = p[rows, k]
     q_k = jnp.where((k < gamma)[:, None], q[rows, jnp.minimum(k, gamma - 1)], 0.0)
     resid = jnp.maximum(p_k - q_k, 0.0) if residual else p_k
     mass = resid.sum(-1, keepdims=True)
     resid = jnp.where(mass > 0, resid / jnp.where(mass > 0, mass, 1.0), p_k)
-    token = draw(resid, _keys(sp, RESIDUAL, n + k, round_, level))
-    return k, token, p, cache
+    return k, draw(resid, residual_keys(k))
 
 
 class _State(NamedTuple):

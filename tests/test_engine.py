@@ -1,5 +1,6 @@
 """The batching engine: continuous batching gives the answers of plain decoding, and every page comes back."""
 
+import dataclasses
 import time
 
 import jax
@@ -12,7 +13,7 @@ from jaxsys.decode import Decoder
 from jaxsys.engine import Engine, EngineBusy, EngineConfig, Request
 from jaxsys.model import ModelDef
 from jaxsys.nanobatch import CostModel, Lane, empty_pools, search_split, serving_step
-from jaxsys.sampling import SamplingParams
+from jaxsys.sampling import SamplingParams, warp
 
 TINY = get_preset("tiny")
 MAX_LEN = 64
@@ -146,3 +147,78 @@ def test_split_search_fits_the_cost_model_and_keeps_the_fastest_measured():
     assert 0 < result.cost_model.overlap < 1 and result.speedup() == pytest.approx(10 / 9)
     assert set(calls) <= set(truth) and len(calls) == len(set(calls))  # each split measured once
     assert CostModel(2.0, 0.5, overlap=1.0).predict((8, 8)) == pytest.approx(8.0)
+
+
+# ----- speculative decoding in the engine -----
+
+def perturbed(params, scale, seed):
+    """The params plus noise: a draft model that agrees with the target only sometimes."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + scale * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
+                              for x, k in zip(leaves, keys)])
+
+
+def test_speculative_greedy_equals_plain_greedy_and_survives_preemption(tiny):
+    model, params = tiny
+    prompts = random_prompts((1, 2, 19, 40, 7, 33), seed=4)
+    want = Decoder(model, params, max_len=MAX_LEN, batch=len(prompts)).generate(prompts, max_new_tokens=NEW)
+    # 9 pages of 8 tokens cannot hold two of these sequences and their drafts: some are recomputed.
+    spec = Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, page_size=8, num_pages=9,
+                                              prefill_chunk=16, speculative="draft", gamma=3),
+                  draft=model, draft_params=perturbed(params, 0.6, seed=1))
+    seqs = spec.generate([Request(p, max_tokens=NEW) for p in prompts])
+    for p, s, row in zip(prompts, seqs, np.asarray(want.tokens)):
+        assert s.finish_reason == "length" and len(s.generated) == NEW
+        assert_same_or_near_tie(model, params, p, s.generated, row.tolist())
+    metrics = spec.speculative_metrics()
+    assert 0 < metrics["acceptance"] < 1  # rounds that accept some drafts and reject others
+    assert metrics["target_forwards_per_token"] < 1
+    assert spec.counters["preemptions"] > 0  # recomputed sequences rebuild the draft model's pages too
+    assert spec.allocator.num_free == spec.allocator.num_pages
+
+
+def test_speculative_sampling_follows_plain_sampling():
+    """Second tokens (drafted and verified in a round) against the exact two-token marginal of the target.
+
+    The rule itself (`jaxsys.speculative.accept`) is shared with `jaxsys generate`, whose test shows that
+    this kind of check catches a wrong resampling rule; here it checks the engine's use of it."""
+    from scipy import stats
+    config = dataclasses.replace(TINY, vocab_size=12)
+    target, draft = ModelDef(config), ModelDef(dataclasses.replace(config, n_layers=1))
+    sharpen = lambda p: jax.tree.map(lambda x: x * 12.0 if x.ndim >= 2 else x, p)  # noqa: E731 - peaked, unequal
+    tp, dp = sharpen(target.init(3)), sharpen(draft.init(4))
+    prompt, rows, sampling = random_prompts((14,), seed=5)[0], 600, dict(temperature=1.0, top_k=6)
+    prompt = [t % 12 for t in prompt]
+    engine = Engine(target, tp, EngineConfig(max_batch=32, max_len=24, page_size=8, prefill_chunk=16,
+                                             prefill_lanes=8, max_queue=rows, max_queued_pools=float(rows),
+                                             speculative="draft", gamma=2),
+                    draft=draft, draft_params=dp)
+    seqs = engine.generate([Request(prompt, max_tokens=2, seed=i, **sampling) for i in range(rows)])
+    second = np.asarray([s.generated[1] for s in seqs])
+    one = SamplingParams.make(1, **sampling)
+    first = warp(target.apply(tp, jnp.asarray([prompt]))[0][:, -1], one)[0]
+    pairs = jnp.asarray([prompt + [t] for t in range(12)])
+    after = warp(target.apply(tp, pairs)[0][:, -1], SamplingParams(*(jnp.repeat(x, 12) for x in one)))
+    probs = np.asarray(first @ after, np.float64)
+    counts = np.bincount(second, minlength=12).astype(np.float64)
+    assert not counts[probs < 1e-12].any()  # nothing outside top-k
+    keep = probs >= 5 / rows  # cells expected below 5 pooled into one
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(probs[keep], probs[~keep].sum()) * rows
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    assert stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+    assert 0 < engine.speculative_metrics()["acceptance"] < 1
+
+
+def test_speculative_engine_setups_are_checked(tiny):
+    model, params = tiny
+    other = ModelDef(dataclasses.replace(TINY, vocab_size=200))
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(model, params, EngineConfig(speculative="draft"), draft=other, draft_params=other.init(1))
+    with pytest.raises(ValueError, match="needs a draft model"):
+        Engine(model, params, EngineConfig(speculative="draft"))
+    with pytest.raises(ValueError, match="gamma"):
+        EngineConfig(speculative="draft", gamma=0)
+    with pytest.raises(ValueError, match="jaxsys generate"):
+        EngineConfig(speculative="triforce")

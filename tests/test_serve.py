@@ -192,6 +192,34 @@ def test_a_full_queue_answers_429_with_a_retry_hint(server):
     assert pages_in_use(client) == 0
 
 
+def test_speculative_serving_answers_as_plain_serving(server, model_dir):
+    """`serve --speculative draft --draft PATH`: the same greedy answer, acceptance in /metrics."""
+    from jaxsys.cli import build_parser
+    from jaxsys.serve import Service, build_engine, make_server
+
+    _, client, _ = server
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--speculative", "draft", "--draft",
+                                      str(model_dir), "--gamma", "3", "--max-batch", "2", "--max-len", "64",
+                                      "--page-size", "8", "--prefill-chunk", "16"])
+    engine, tokenizer, _ = build_engine(args)
+    spec = make_server(Service(engine, tokenizer, "tiny-byte"), "127.0.0.1", 0)
+    threading.Thread(target=spec.serve_forever, daemon=True).start()
+    engine.start()
+    try:
+        url = f"http://127.0.0.1:{spec.server_address[1]}"
+        body = {"model": "tiny-byte", "prompt": "Question: 2 + 3?", "max_tokens": 12, "temperature": 0}
+        got = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["token_ids"]
+        want = complete(client, prompt=body["prompt"], max_tokens=12).json()["choices"][0]["token_ids"]
+        assert got == want
+        metrics = httpx.get(url + "/metrics").text
+        assert 'jaxsys_spec_acceptance{position="0"} 1.0' in metrics  # the model drafts for itself
+        assert "jaxsys_spec_target_forwards_per_token 0.25" in metrics  # 3 drafts + 1 per target forward
+    finally:
+        engine.stop(drain=False)
+        spec.shutdown()
+        spec.server_close()
+
+
 def test_sigterm_lets_in_flight_requests_finish(server):
     proc, client, _ = server
     with client.stream("POST", "/v1/completions", json={"model": "tiny-byte", "prompt": "bye", "max_tokens": 80,
@@ -223,3 +251,4 @@ def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
