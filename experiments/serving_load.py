@@ -75,7 +75,7 @@ def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "jaxsys.cli", "serve", "--model", str(model), "--port", "0", "--warmup",
            "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--prefill-chunk", "64",
            "--prefill-lanes", "2",
-           "--max-queue", "512", "--served-model-name", "small"]
+           "--max-queue", "512", "--served-model-name", "small", "--nano-batches", args.nano_batches]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, cwd=ROOT, env=env)
     line = proc.stdout.readline()
     if "serving" not in line:
@@ -179,7 +179,11 @@ def nanobatch_study(model, params, args) -> dict:
     best = search.measured[search.best]
     peak = peak_matmul_flops()
     optimal = optimal_tokens_per_s(model.config, context, peak)
+    # What the device step alone allows at concurrency 16: 16 rows per step against 1 row per step.
+    t1, t16 = engine.time_decode((1,), context=context), engine.time_decode((16,), context=context)
     return {"rows": args.max_batch, "context": context, "best_split": list(search.best),
+            "decode_step_ms_1_row": t1 * 1e3, "decode_step_ms_16_rows": t16 * 1e3,
+            "step_bound_speedup_16_vs_1": 16 * t1 / t16,
             "step_ms": {",".join(map(str, k)): round(v * 1e3, 3) for k, v in search.measured.items()},
             "predicted_ms": {",".join(map(str, k)): round(v * 1e3, 3) for k, v in search.predicted.items()},
             "cost_model": {"fixed_ms": search.cost_model.fixed * 1e3, "per_row_ms": search.cost_model.per_row * 1e3,
@@ -199,6 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=None)
     parser.add_argument("--max-len", type=int, default=None, help="context per request (default: longest "
                                                                     "prompt + max tokens, rounded up to 64)")
+    parser.add_argument("--nano-batches", default="1", metavar="N|auto", help="the server's nano-batches (1 = off)")
     args = parser.parse_args(argv)
     steps = args.steps or (30 if args.quick else 80)
     args.max_tokens = args.max_tokens or (64 if args.quick else 128)
@@ -243,7 +248,7 @@ def main(argv=None) -> int:
     nano = nanobatch_study(model, loaded.params, args)
 
     print(f"jaxsys serve under load: small ({loaded.config.num_params / 1e6:.1f}M params), {args.max_tokens} new "
-          f"tokens per request, greedy, max batch {args.max_batch}")
+          f"tokens per request, greedy, max batch {args.max_batch}, nano-batches {args.nano_batches}")
     print(f"{'concurrency':>11} {'requests':>8} {'tok/s':>8} {'p50 lat s':>9} {'p99 lat s':>9} {'p50 ttft':>9} "
           f"{'p99 ttft':>9} {'lost':>5}")
     for r in rows:
@@ -254,15 +259,19 @@ def main(argv=None) -> int:
     lost = sum(r["lost"] for r in rows)
     print(f"speedup 16 vs 1: {speedup:.2f}x (target >= {TARGETS['speedup_vs_sequential']}x); lost {lost}, wrong "
           f"{wrong}, near-tie differences {near_tie}, KV pages in use afterwards {pages_after}")
+    print(f"decode step alone: 1 row {nano['decode_step_ms_1_row']:.2f} ms, 16 rows {nano['decode_step_ms_16_rows']:.2f} "
+          f"ms: at most {nano['step_bound_speedup_16_vs_1']:.2f}x from batching 16 with no host or HTTP time")
     print(f"nano-batches ({nano['rows']} decode rows at context {nano['context']}): step ms by split "
           f"{nano['step_ms']}; best {nano['best_split']}, {nano['nanobatch_speedup']:.3f}x one batch; "
           f"{nano['tokens_per_s_best']:.0f} tok/s = {nano['fraction_of_optimal']:.1%} of the optimal "
           f"{nano['optimal_tokens_per_s']:.0f} tok/s (peak {nano['peak_flops'] / 1e9:.1f} GFLOP/s measured)")
     summary = {"model": "small", "train_steps": steps, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+               "server_nano_batches": args.nano_batches,
                "throughput_tok_s": {str(r["concurrency"]): r["throughput_tok_s"] for r in rows},
                "levels": rows, "speedup_vs_sequential": speedup, "lost": lost, "wrong": wrong,
                "near_tie": near_tie, "pages_in_use_after": pages_after,
                "nanobatch_speedup": nano["nanobatch_speedup"], "fraction_of_optimal": nano["fraction_of_optimal"],
+               "step_bound_speedup_16_vs_1": nano["step_bound_speedup_16_vs_1"],
                "nanobatch": nano, "device": "cpu",
                "targets_met": {"speedup_vs_sequential": speedup >= TARGETS["speedup_vs_sequential"],
                                "no_loss": lost == 0 and wrong == 0 and pages_after == 0}}
