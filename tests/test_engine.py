@@ -222,3 +222,31 @@ def test_speculative_engine_setups_are_checked(tiny):
         EngineConfig(speculative="draft", gamma=0)
     with pytest.raises(ValueError, match="jaxsys generate"):
         EngineConfig(speculative="triforce")
+
+
+@pytest.mark.parametrize("pages_per_step", [1, 3, 8])
+def test_scan_attention_equals_float64_attention_over_the_pages(pages_per_step):
+    from jaxsys.nanobatch import scan_attention
+    rng = np.random.default_rng(pages_per_step)
+    kv_heads, heads, hd, page_size, num_pages, width = 2, 4, 8, 4, 12, 5
+    k_pool, v_pool = (rng.normal(size=(kv_heads, num_pages, page_size, hd)).astype(np.float32) for _ in range(2))
+    table = np.stack([rng.permutation(num_pages)[:width] for _ in range(4)]).astype(np.int32)
+    start = np.array([0, 3, 13, 20], np.int32)  # none, part of a page, several pages, the whole table
+    q = rng.normal(size=(4, 2, heads, hd)).astype(np.float32)
+    out, lse = scan_attention(jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(table),
+                              jnp.asarray(start), pages_per_step=pages_per_step)
+    for row in range(4):
+        n = start[row]
+        keys = k_pool[:, table[row]].reshape(kv_heads, -1, hd)[:, :n].astype(np.float64)
+        values = v_pool[:, table[row]].reshape(kv_heads, -1, hd)[:, :n].astype(np.float64)
+        for h in range(heads):
+            logits = q[row, :, h].astype(np.float64) @ keys[h * kv_heads // heads].T / np.sqrt(hd)  # [T, n]
+            if n == 0:
+                assert np.all(np.asarray(out[row, :, h]) == 0) and np.all(np.isneginf(np.asarray(lse[row, :, h])))
+                continue
+            m = logits.max(-1, keepdims=True)
+            w = np.exp(logits - m)
+            np.testing.assert_allclose(np.asarray(out[row, :, h]), (w @ values[h * kv_heads // heads]) / w.sum(-1,
+                                       keepdims=True), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(lse[row, :, h]), (m + np.log(w.sum(-1, keepdims=True)))[:, 0],
+                                       rtol=1e-5, atol=1e-5)
