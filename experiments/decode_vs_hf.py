@@ -25,6 +25,24 @@ import tempfile
 import time
 
 
+def streaming_bandwidth(mbytes: int = 64, repeats: int = 20) -> float:
+    """Bytes/s of a float32 matrix-vector product over a `mbytes` matrix, the way decoding reads weights."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    n = 2048
+    w = jax.random.normal(jax.random.key(0), (mbytes * 2**20 // (4 * n), n), jnp.float32)
+    x = jnp.ones((1, w.shape[0]), jnp.float32)
+    gemv = jax.jit(lambda x, w: x @ w)
+    gemv(x, w).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gemv(x, w).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return w.nbytes / float(np.median(times))
+
+
 def build_hf_checkpoint(folder: str, *, layers: int, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -108,6 +126,11 @@ def main(argv=None) -> int:
         runs["jaxsys"].append(t)
         runs["hf"].append(u)
     jaxsys_s, hf_s = float(np.median(runs["jaxsys"])), float(np.median(runs["hf"]))
+    # The ceiling batch-1 decoding has here: every step reads every weight once (of the
+    # embedding table only one row).
+    stream = streaming_bandwidth()
+    weight_bytes = sum(x.nbytes for k, x in loaded.params.items() if k != "embed" for x in jax.tree.leaves(x))
+    bound = stream / weight_bytes
     agree = jaxsys_tokens == hf_tokens
     first_diff = None if agree else next(i for i, (a, b) in enumerate(zip(jaxsys_tokens, hf_tokens)) if a != b)
     result = {
@@ -116,6 +139,8 @@ def main(argv=None) -> int:
         "jaxsys_s": jaxsys_s, "hf_s": hf_s, "runs_s": runs,
         "jaxsys_tok_per_s": new_tokens / jaxsys_s, "hf_tok_per_s": new_tokens / hf_s,
         "ratio": hf_s / jaxsys_s, "tokens_agree": agree, "first_difference": first_diff,
+        "weight_bytes": weight_bytes, "streaming_gb_s": stream / 1e9, "bandwidth_bound_tok_per_s": bound,
+        "bound_ratio_vs_hf": bound * hf_s / new_tokens,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} thread(s) per side, "
                    f"{jax.devices()[0].platform}",
         "versions": {"jax": jax.__version__, "torch": torch.__version__,
@@ -128,6 +153,8 @@ def main(argv=None) -> int:
     print(f"{'hf':10} {hf_s:9.3f} {result['hf_tok_per_s']:9.1f}")
     print(f"jaxsys / hf: {result['ratio']:.2f}x; tokens agree: {agree}"
           + ("" if agree else f" (first difference at {first_diff})"))
+    print(f"weights {weight_bytes / 1e6:.0f} MB (without the embedding table) read once per token at {stream / 1e9:.1f} GB/s (a float32 "
+          f"matrix-vector product, timed here): at most {bound:.1f} tokens/s, {result['bound_ratio_vs_hf']:.2f}x hf")
     print(json.dumps(result))
     return 0
 
