@@ -199,7 +199,7 @@ def test_speculative_serving_answers_as_plain_serving(server, model_dir):
 
     _, client, _ = server
     args = build_parser().parse_args(["serve", "--model", str(model_dir), "--speculative", "draft", "--draft",
-                                      str(model_dir), "--gamma", "3", "--max-batch", "2", "--max-len", "64",
+                                      str(model_dir), "--gamma", "3", "--max-batch", "1", "--max-len", "64",
                                       "--page-size", "8", "--prefill-chunk", "16"])
     engine, tokenizer, _ = build_engine(args)
     spec = make_server(Service(engine, tokenizer, "tiny-byte"), "127.0.0.1", 0)
