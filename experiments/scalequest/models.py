@@ -1,10 +1,10 @@
 """Training and batched sampling for the pipeline, on jaxsys's training loop and decoder.
 
 Every model here is trained by `jaxsys.train.train` on formatted documents, in windows that
-start at a document (`DocumentWindows`; checkpoints under the run folder, so a cut-off
-stage resumes where it stopped), and every sample comes
-from one compiled `jaxsys.decode.Decoder` per (batch, cache length) whose parameters are
-swapped between models of the same shape, so a new model costs no new compilation.
+each start at a document (`DocumentWindows`), with checkpoints under the run folder so a
+cut-off stage resumes where it stopped; every sample comes from one compiled
+`jaxsys.decode.Decoder` per (batch, cache length) whose parameters are swapped between
+models of the same shape, so a new model costs no new compilation.
 """
 
 from __future__ import annotations
