@@ -70,6 +70,8 @@ def run(pc: PipelineConfig, root: Path, mesh) -> tuple[Stages, dict]:
     solver_params = _train_stage(st, "solver", pc.model, seed_docs, pc.solver, mesh)
     question_sampler = Sampler(pc.model, batch=pc.sample_batch, max_len=256)
     solution_sampler = Sampler(pc.model, batch=pc.sample_batch, max_len=640)
+    # The solver's own greedy accuracy: the level the synthetic responses are drawn from.
+    st.run("solver_accuracy", lambda: _evaluate("solver", solver_params, tests, solution_sampler, pc))
 
     # 2. QFT: the solver fine-tuned on questions alone, then sampled from an empty user turn.
     qft_params = _train_stage(st, "qft", pc.model, [question_document(q) for q in seed_questions], pc.qft, mesh,
@@ -187,10 +189,16 @@ def _unfiltered(sampler, params, questions: list[dict], pc: PipelineConfig) -> t
     return records, {"examples": len(records)}
 
 
+def _evaluate(name, params, tests, sampler, pc: PipelineConfig) -> tuple[list[dict], dict]:
+    rows = [{"model": name, "test_set": t, "accuracy": accuracy(sampler, params, tests[t],
+                                                                max_new_tokens=pc.solution_tokens)}
+            for t in TEST_SETS]
+    return rows, {r["test_set"]: r["accuracy"] for r in rows}
+
+
 def _student(name, docs, pc: PipelineConfig, root: Path, mesh, tests, sampler) -> tuple[list[dict], dict]:
     params, summary = train_lm(root / "models" / f"student_{name}", pc.model, docs, pc.student_tc(), mesh)
-    rows = [{"student": name, "test_set": t, "accuracy": accuracy(sampler, params, tests[t],
-                                                                  max_new_tokens=pc.solution_tokens),
-             "documents": len(docs), **{k: summary[k] for k in ("steps", "last_loss", "wall_s", "cpu_s")}}
-            for t in TEST_SETS]
-    return rows, {"documents": len(docs), **{r["test_set"]: r["accuracy"] for r in rows}}
+    rows, scores = _evaluate(name, params, tests, sampler, pc)
+    rows = [{"student": name, "test_set": r["test_set"], "accuracy": r["accuracy"], "documents": len(docs),
+             **{k: summary[k] for k in ("steps", "last_loss", "wall_s", "cpu_s")}} for r in rows]
+    return rows, {"documents": len(docs), **scores}
