@@ -30,10 +30,11 @@ class PipelineConfig:
     seed_steps: tuple[int, int] = (1, 3)  # operations per seed (and in_dist test) problem
     harder_steps: tuple[int, int] = (4, 6)
     tests: int = 200  # problems per test set
-    solver: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=256, learning_rate=3e-3,
+    # 512 tokens hold a whole example of 1-3 operations (all but 0.5%; 256 held 44%).
+    solver: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=512, learning_rate=3e-3,
                                       warmup_steps=30, log_every=50, ckpt_every=200, keep_last=1)
     # Every student gets this budget: the same steps, batch and sequence length (a fresh init).
-    student: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=256, learning_rate=3e-3,
+    student: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=512, learning_rate=3e-3,
                                        warmup_steps=30, log_every=50, ckpt_every=200, keep_last=1)
     qft: TrainConfig = TrainConfig(steps=100, batch_size=16, seq_len=256, learning_rate=1e-3,
                                    warmup_steps=10, log_every=50, ckpt_every=100, keep_last=1)
