@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.scalequest import filters, qpo
+from experiments.scalequest.models import TOKENIZER, DocumentWindows
 from experiments.scalequest.stages import Stages
 from jaxsys.config import get_preset
 from jaxsys.data.corpus import generate_problems
@@ -125,6 +126,21 @@ def test_qpo_labels_and_pairs():
     pairs = qpo.make_pairs(["a", "b", "c"], ["x", "y"], seed=0)
     assert [p["chosen"] for p in pairs] == ["a", "b", "c"] and {p["rejected"] for p in pairs} == {"x", "y"}
     assert qpo.make_pairs(["a"], [], seed=0) == []
+
+
+def test_every_training_window_starts_with_a_whole_document():
+    docs = [p.question for p in generate_problems(5, seed=4)]
+    data = DocumentWindows(docs, seq_len=200, batch_size=3, seed=1)
+    encoded = [TOKENIZER.encode(d, add_bos=True, add_eos=True) for d in docs]
+    seen = []
+    for step in range(4):  # 12 windows: two epochs of 5 documents, and two more
+        batch = data.batch(step)
+        assert batch.shape == (3, 201) and batch.dtype == np.int32
+        for window in batch:
+            (doc,) = [i for i, ids in enumerate(encoded) if window[:len(ids)].tolist() == ids]
+            seen.append(doc)
+    assert sorted(seen[:5]) == sorted(seen[5:10]) == list(range(5))  # each document once per epoch
+    np.testing.assert_array_equal(data.batch(2), DocumentWindows(docs, seq_len=200, batch_size=3, seed=1).batch(2))
 
 
 def test_finished_stages_are_read_back_and_cut_off_ones_rerun(tmp_path):

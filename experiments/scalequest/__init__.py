@@ -13,9 +13,10 @@ solver labels instead of a model's rewrites, and one set of k solver samples per
 serves both the difficulty filter and the choice of the response.
 
 Stages, each a JSONL file with counts under the run folder (`stages.py`): seeds and test
-sets, solver, qft, qft_questions, filter/attempts/responses of the QFT questions, qpo_pairs,
-qpo_train, qpo_questions, filter/attempts/responses of the QPO questions, unfiltered,
-generator_extra, and one student per data set.
+sets, solver, solver_accuracy (its greedy accuracy on both test sets), qft, qft_questions,
+filter/attempts/responses of the QFT questions, qpo_pairs, qpo_train, qpo_questions,
+filter/attempts/responses of the QPO questions, unfiltered, generator_extra, and one
+student per data set.
 
     python -m experiments.scalequest [--quick] [--out DIR]
 """

@@ -1,9 +1,10 @@
 """Training and batched sampling for the pipeline, on jaxsys's training loop and decoder.
 
-Every model here is trained by `jaxsys.train.train` on formatted documents (checkpoints
-under the run folder, so a cut-off stage resumes where it stopped), and every sample comes
-from one compiled `jaxsys.decode.Decoder` per (batch, cache length) whose parameters are
-swapped between models of the same shape, so a new model costs no new compilation.
+Every model here is trained by `jaxsys.train.train` on formatted documents, in windows that
+each start at a document (`DocumentWindows`), with checkpoints under the run folder so a
+cut-off stage resumes where it stopped; every sample comes from one compiled
+`jaxsys.decode.Decoder` per (batch, cache length) whose parameters are swapped between
+models of the same shape, so a new model costs no new compilation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import jax
 import numpy as np
 
 from jaxsys.config import ModelConfig
-from jaxsys.data import TokenDataset
 from jaxsys.data.tokenizer import ByteTokenizer
 from jaxsys.data.training_text import extract_answer, format_prompt
 from jaxsys.decode import Decoder
@@ -34,15 +34,44 @@ def question_document(question: str) -> str:
     return f"{QUESTION_PREFIX} {question}"
 
 
+class DocumentWindows:
+    """Training windows that each start at a document's BOS, for `jaxsys.train`.
+
+    `jaxsys.data.TokenDataset` cuts its token stream every ``seq_len`` tokens, so with
+    examples about as long as a window most windows hold the end of one example and the
+    start of the next, and the answer is mostly predicted without its question in context.
+    Here window i of an epoch starts at the i-th document of that epoch's permutation and
+    runs on into the next ones (the stream wraps around), so every window holds one whole
+    example when ``seq_len`` covers it; an epoch is one window per document.
+    """
+
+    def __init__(self, docs: list[str], *, seq_len: int, batch_size: int, seed: int = 0):
+        if not docs:
+            raise ValueError("no documents to train on; add data")
+        encoded = TOKENIZER.encode_batch(docs, add_bos=True, add_eos=True)
+        self.starts = np.cumsum([0] + [len(ids) for ids in encoded[:-1]])
+        stream = np.concatenate([np.asarray(ids, np.int32) for ids in encoded])
+        self.tokens = np.resize(stream, len(stream) + seq_len + 1)  # wraps: every start has a full window
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+
+    def batch(self, step: int) -> np.ndarray:
+        """int32 [batch_size, seq_len + 1]; a pure function of (seed, step)."""
+        samples = step * self.batch_size + np.arange(self.batch_size)
+        epochs, positions = np.divmod(samples, len(self.starts))
+        orders = {e: np.random.default_rng((self.seed, e)).permutation(len(self.starts))
+                  for e in set(epochs.tolist())}  # a batch spans at most a few epochs
+        docs = np.array([orders[e][i] for e, i in zip(epochs.tolist(), positions)])
+        return self.tokens[self.starts[docs][:, None] + np.arange(self.seq_len + 1)]
+
+
 def train_lm(ckpt_dir: Path, config: ModelConfig, docs: list[str], tc: TrainConfig, mesh, *,
              init_params=None) -> tuple[dict, dict]:
     """Trains (or resumes, or reads back) a language model on `docs`; (params, summary)."""
-    data = TokenDataset.from_documents(docs, TOKENIZER, seq_len=tc.seq_len, batch_size=tc.batch_size,
-                                       seed=tc.seed)
+    data = DocumentWindows(docs, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = train(config, tc, mesh, data, ckpt_dir=ckpt_dir, resume=True, init_params=init_params,
                    meta={"data": f"{len(docs)} documents"})
-    summary = {"steps": result.end_step, "documents": len(docs), "tokens": int(len(data.tokens)),
+    summary = {"steps": result.end_step, "documents": len(docs), "tokens": int(len(data.tokens) - tc.seq_len - 1),
                "first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None,
                "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0}
