@@ -190,8 +190,8 @@ def test_speculative_sampling_follows_plain_sampling():
     tp, dp = sharpen(target.init(3)), sharpen(draft.init(4))
     prompt, rows, sampling = random_prompts((14,), seed=5)[0], 600, dict(temperature=1.0, top_k=6)
     prompt = [t % 12 for t in prompt]
-    engine = Engine(target, tp, EngineConfig(max_batch=32, max_len=24, page_size=8, prefill_chunk=16,
-                                             prefill_lanes=8, max_queue=rows, max_queued_pools=float(rows),
+    engine = Engine(target, tp, EngineConfig(max_batch=2, max_len=24, page_size=8, prefill_chunk=16,
+                                             prefill_lanes=2, max_queue=rows, max_queued_pools=float(rows),
                                              speculative="draft", gamma=2),
                     draft=draft, draft_params=dp)
     seqs = engine.generate([Request(prompt, max_tokens=2, seed=i, **sampling) for i in range(rows)])
