@@ -181,8 +181,7 @@ class Engine:
         self.pages_per_sequence = pages_per_sequence(self.max_len, config.page_size)
         num_pages = config.num_pages or config.max_batch * self.pages_per_sequence
         self.allocator = PageAllocator(num_pages, config.page_size)
-        self.pools = empty_pools(c, num_pages, config.page_size)
-        self.draft_pools = empty_pools(draft.config, num_pages, config.page_size) if draft else None
+        self._new_pools()
         self.buckets = buckets_for(config.max_batch)
         self.splits = {sum(s): tuple(s) for s in config.splits}
         for rows, split in self.splits.items():
@@ -271,8 +270,9 @@ class Engine:
     def speculative_metrics(self) -> dict:
         """Acceptance of the speculative rounds so far: overall, per draft position, tokens per target forward."""
         with self._cv:
-            rounds, drafted, accepted = (self.counters[k] for k in ("spec_rounds", "spec_drafted", "spec_accepted"))
+            rounds, accepted = self.counters["spec_rounds"], self.counters["spec_accepted"]
             at = self.spec_accepted_at.copy()
+        drafted = rounds * self.config.gamma
         emitted = accepted + rounds  # each round adds its accepted drafts and the target's token
         return {"rounds": rounds, "acceptance": accepted / drafted if drafted else 0.0,
                 "acceptance_by_position": (at / rounds).tolist() if rounds else [0.0] * len(at),
@@ -282,6 +282,20 @@ class Engine:
     def idle(self) -> bool:
         with self._cv:
             return not self._waiting and not self._running
+
+    def _new_pools(self) -> None:
+        """Empty page pools for the model (and the draft model), the allocator's geometry."""
+        pages, size = self.allocator.num_pages, self.config.page_size
+        self.pools = empty_pools(self.model.config, pages, size)
+        self.draft_pools = empty_pools(self.draft.config, pages, size) if self.draft is not None else None
+
+    def _bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    @staticmethod
+    def _filters(seqs) -> bool:
+        """Whether any of these sequences samples with top-k or top-p (a static switch of the programs)."""
+        return any(s.request.top_k > 0 or s.request.top_p < 1 for s in seqs)
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.config.page_size)
@@ -353,11 +367,7 @@ class Engine:
             with self._cv:
                 failed = decode + [s for s, _ in prefill]
                 if any(leaf.is_deleted() for leaf in jax.tree.leaves((self.pools, self.draft_pools))):
-                    # every sequence's KV is gone
-                    self.pools = empty_pools(self.model.config, self.allocator.num_pages, self.config.page_size)
-                    if self.draft is not None:
-                        self.draft_pools = empty_pools(self.draft.config, self.allocator.num_pages,
-                                                       self.config.page_size)
+                    self._new_pools()  # every sequence's KV is gone
                     failed = list(self._running)
                 for s in failed:
                     self._finish(s, ERROR, f"serving step failed: {e}")
@@ -365,9 +375,7 @@ class Engine:
         with self._cv:
             self.counters["steps"] += 1
             for s, tokens in zip(decode, dec_tokens):
-                if self.draft is None:
-                    tokens = (tokens,)
-                for token in tokens:  # a speculative round: the accepted drafts, then the target's token
+                for token in tokens:  # one, or a speculative round's accepted drafts and the target's token
                     if s.finish_reason is not None:
                         break
                     s.cached += 1
@@ -558,11 +566,10 @@ class Engine:
 
     def _run_speculative(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
         """A speculative round for the decode rows, then the prefill lanes (target and draft model)."""
-        lanes = [s for s in decode], [s for s, _ in prefill]
-        filters = any(r.top_k > 0 or r.top_p < 1 for r in (s.request for s in itertools.chain(*lanes)))
+        filters = self._filters(decode + [s for s, _ in prefill])
         dec = pre = rounds = None
         if decode:
-            rows = next(b for b in self.buckets if b >= len(decode))
+            rows = self._bucket(len(decode))
             dec = self._lane(rows, 2, [(s, 2) for s in decode], start=lambda s: s.cached - 1)
             rounds = np.zeros(rows, np.int32)
             rounds[:len(decode)] = [s.rounds for s in decode]
@@ -572,12 +579,10 @@ class Engine:
         dec_tokens = []
         if decode:
             drafted, k, token = (np.asarray(x) for x in out)
-            gamma = self.config.gamma
             for i, s in enumerate(decode):
                 s.rounds += 1
                 dec_tokens.append([*drafted[i, :k[i]].tolist(), int(token[i])])
                 self.counters["spec_rounds"] += 1
-                self.counters["spec_drafted"] += gamma
                 self.counters["spec_accepted"] += int(k[i])
                 self.spec_accepted_at[:k[i]] += 1
         return dec_tokens, np.asarray(pre_tokens)[:len(prefill)] if prefill else []
@@ -598,12 +603,11 @@ class Engine:
         return out, pre_tokens
 
     def _run(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
-        rows = next(b for b in self.buckets if b >= len(decode)) if decode else 0
-        lanes = [(s, 1) for s in decode], prefill
-        filters = any(r.top_k > 0 or r.top_p < 1 for r in (s.request for s, _ in itertools.chain(*lanes)))
-        dec = self._lane(rows, 1, lanes[0]) if decode else None
+        rows = self._bucket(len(decode)) if decode else 0
+        filters = self._filters(decode + [s for s, _ in prefill])
+        dec = self._lane(rows, 1, [(s, 1) for s in decode]) if decode else None
         pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, prefill) if prefill else None
         dec_tokens, pre_tokens = self._step(self._program(rows, bool(prefill), filters), dec, pre)
-        dec_tokens = np.asarray(dec_tokens)[:len(decode)] if decode else []
+        dec_tokens = [[t] for t in np.asarray(dec_tokens)[:len(decode)].tolist()] if decode else []
         pre_tokens = np.asarray(pre_tokens)[:len(prefill)] if prefill else []
         return dec_tokens, pre_tokens
