@@ -9,6 +9,7 @@ from jaxsys.data import (
     ByteTokenizer,
     HFTokenizer,
     TokenDataset,
+    WordTokenizer,
     check_solution,
     corpus_dataset,
     count_steps,
@@ -152,6 +153,30 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode([0xE4, 72]) == "\ufffdH"  # invalid UTF-8 is replaced
     assert tok.decode([257, 72, 258], skip_special=False) == "<bos>H<eos>"
     assert (tok.vocab_size, tok.pad_id, tok.eos_ids) == (259, 256, (258,))
+
+
+def test_word_tokenizer_keeps_words_whole_digits_apart_and_round_trips_any_text(tmp_path):
+    docs = [format_example(p) for p in generate_problems(50, seed=0)]
+    tok = WordTokenizer.fit(docs)
+    assert tok.vocab_size == 259 + len(tok.words) and (tok.bos_id, tok.eos_id, tok.pad_id) == (257, 258, 256)
+    ids = tok.encode("Question: Mia has 12 apples.", add_bos=False)
+    pieces = [tok.decode([i]) for i in ids]
+    assert pieces == ["Question", ":", " Mia", " has", " 1", "2", " apples", "."]
+    assert all(i >= 259 for i in tok.encode(" has apples", add_bos=False))
+    mean_bytes = np.mean([len(d.encode()) for d in docs])
+    assert np.mean([len(tok.encode(d)) for d in docs]) < mean_bytes / 3  # what makes it worth having
+    for text in docs[:5] + ["Zorblax has 7 qux.", "Héllo, 世界 🙂\n  two  spaces\tTab", ""]:
+        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == text
+    unknown = tok.encode("Zorblax", add_bos=False)  # not in the vocabulary: its bytes
+    assert unknown == list(b"Zorblax")
+    assert tok.decode([257, *ids, 258], skip_special=False) == "<bos>Question: Mia has 12 apples.<eos>"
+    assert tok.decode([tok.vocab_size + 5]) == ""
+    tok.save(tmp_path / "words.json")
+    again = WordTokenizer.load(tmp_path / "words.json")
+    assert again.words == tok.words and again.encode(docs[0]) == tok.encode(docs[0])
+    (tmp_path / "other.json").write_text('{"kind": "bpe"}')
+    with pytest.raises(ValueError, match="not a saved WordTokenizer"):
+        WordTokenizer.load(tmp_path / "other.json")
 
 
 def _build_hf_folder(folder, *, with_configs=True):

@@ -7,6 +7,8 @@ by us, never by a tokenizer's post-processor, so that a BOS is never doubled and
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -80,6 +82,70 @@ class ByteTokenizer(Tokenizer):
                 run = bytearray()
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)
+
+
+class WordTokenizer(ByteTokenizer):
+    """Whole words of a fixed vocabulary as single ids, everything else as UTF-8 bytes.
+
+    Text is cut into pieces: a word with its leading space (`` apples``), a digit with its
+    leading space (numbers stay one digit per id, so arithmetic is done digit by digit), a
+    punctuation mark with its leading space, or one other character. A piece in the
+    vocabulary is one id (259 + its index); any other piece is its bytes, with the byte
+    tokenizer's ids (0..255, pad 256, bos 257, eos 258). Decoding concatenates the pieces,
+    so every text round-trips exactly, and a model of this vocabulary reads and writes text
+    outside it too (a byte at a time). Built from example texts with `WordTokenizer.fit`.
+    """
+
+    PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|.", re.S)
+
+    def __init__(self, words: Sequence[str]):
+        words = list(dict.fromkeys(w for w in words if len(w.encode("utf-8")) > 1))
+        self.words = words
+        self._ids = {w: ByteTokenizer.vocab_size + i for i, w in enumerate(words)}
+        self.vocab_size = ByteTokenizer.vocab_size + len(words)
+        self.name = f"word{len(words)}"
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], *, max_words: int = 4096, min_count: int = 2) -> "WordTokenizer":
+        """The `max_words` most frequent multi-byte pieces of `texts` seen at least `min_count` times."""
+        counts = Counter(piece for text in texts for piece in cls.PIECE.findall(text))
+        ranked = sorted((p for p, c in counts.items() if c >= min_count and len(p.encode("utf-8")) > 1),
+                        key=lambda p: (-counts[p], p))
+        return cls(ranked[:max_words])
+
+    def _encode_plain(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self.PIECE.findall(text):
+            i = self._ids.get(piece)
+            ids += [i] if i is not None else list(piece.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        raw = bytearray()
+        pieces: list[str] = []
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                raw.append(i)
+                continue
+            pieces.append(raw.decode("utf-8", errors="replace"))
+            raw = bytearray()
+            if i >= ByteTokenizer.vocab_size and i - ByteTokenizer.vocab_size < len(self.words):
+                pieces.append(self.words[i - ByteTokenizer.vocab_size])
+            elif i in self._SPECIAL_TEXT and not skip_special:
+                pieces.append(self._SPECIAL_TEXT[i])
+        pieces.append(raw.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"kind": "word", "words": self.words}, indent=0), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WordTokenizer":
+        data = _read_json(Path(path))
+        if data.get("kind") != "word" or not isinstance(data.get("words"), list):
+            raise ValueError(f"{path} is not a saved WordTokenizer (expected {{'kind': 'word', 'words': [...]}})")
+        return cls(data["words"])
 
 
 def _read_json(path: Path) -> dict:
