@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from experiments.scalequest import filters, qpo
-from experiments.scalequest.models import TOKENIZER, DocumentWindows
+from experiments.scalequest.models import DocumentWindows
 from experiments.scalequest.stages import Stages
 from jaxsys.config import get_preset
 from jaxsys.data.corpus import generate_problems
+from jaxsys.data.tokenizer import ByteTokenizer, WordTokenizer
 from jaxsys.model import ModelDef
 from jaxsys.preference import dpo_loss, sequence_logprobs
 
 TINY = get_preset("tiny")
+BYTES = ByteTokenizer()
 
 
 def test_sequence_logprobs_equal_a_float64_sum_over_the_masked_targets():
@@ -54,21 +56,26 @@ def test_dpo_loss_and_gradient_match_the_float64_formula():
 def test_dpo_training_moves_the_policy_toward_chosen_questions():
     problems = generate_problems(4, seed=5)
     pairs = [{"chosen": problems[i].question, "rejected": "How many Zed do?"} for i in range(2)]
-    config = qpo.QPOConfig(steps=3, pairs_per_step=2, learning_rate=1e-2, beta=0.5, seq_len=192)
+    config = qpo.QPOConfig(steps=3, pairs_per_step=2, learning_rate=1e-2, beta=0.5, nll_weight=0.5, seq_len=192)
     model = ModelDef(TINY)
     reference = jax.device_get(model.init(0))
-    policy, rows = qpo.train_dpo(TINY, reference, pairs, config)
+    policy, rows = qpo.train_dpo(TINY, BYTES, reference, pairs, config)
     assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
-    chosen, chosen_mask = qpo.encode_questions([p["chosen"] for p in pairs], config.seq_len)
-    rejected, rejected_mask = qpo.encode_questions([p["rejected"] for p in pairs], config.seq_len)
+    chosen, chosen_mask = qpo.encode_questions([p["chosen"] for p in pairs], BYTES, config.seq_len)
+    rejected, rejected_mask = qpo.encode_questions([p["rejected"] for p in pairs], BYTES, config.seq_len)
     lp = lambda params, t, m: np.asarray(sequence_logprobs(model, params, jnp.asarray(t), jnp.asarray(m)))  # noqa: E731
     margin = (lp(policy, chosen, chosen_mask) - lp(reference, chosen, chosen_mask)) - (
         lp(policy, rejected, rejected_mask) - lp(reference, rejected, rejected_mask))
     assert (margin > 0).all()
+    # Step 1 is scored at the reference: DPO loss log 2, plus nll_weight x the chosen per-token NLL.
+    nll = -np.mean(lp(reference, chosen, chosen_mask) / chosen_mask.sum(-1))
+    assert rows[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert rows[0]["chosen_nll"] == pytest.approx(nll, rel=1e-5)
+    assert rows[0]["loss"] == pytest.approx(np.log(2) + config.nll_weight * nll, rel=1e-5)
 
 
 def test_encode_questions_scores_the_question_and_eos_only():
-    tokens, mask = qpo.encode_questions(["Mia has 2 apples. How many apples does Mia have?"], 80)
+    tokens, mask = qpo.encode_questions(["Mia has 2 apples. How many apples does Mia have?"], BYTES, 80)
     prefix = len("Question:") + 1  # BOS + prefix
     scored = tokens[0, 1:][mask[0] == 1]
     assert bytes(scored[:-1].tolist()).decode() == " Mia has 2 apples. How many apples does Mia have?"
@@ -122,6 +129,7 @@ def test_qpo_labels_and_pairs():
     assert qpo.label({**kept, "steps": 1}, {"failure_rate": 0.5}, min_steps=2) == "rejected"
     assert qpo.label(kept, {"failure_rate": 0.0}, min_steps=2) == "rejected"
     assert qpo.label(kept, {"failure_rate": 0.25}, min_steps=2) == "chosen"
+    assert qpo.label(kept, {"failure_rate": 1.0}, min_steps=2) is None  # never answered
     assert qpo.label({**kept, "dropped_by": "dedup_ngram"}, None, min_steps=2) is None
     pairs = qpo.make_pairs(["a", "b", "c"], ["x", "y"], seed=0)
     assert [p["chosen"] for p in pairs] == ["a", "b", "c"] and {p["rejected"] for p in pairs} == {"x", "y"}
@@ -130,17 +138,37 @@ def test_qpo_labels_and_pairs():
 
 def test_every_training_window_starts_with_a_whole_document():
     docs = [p.question for p in generate_problems(5, seed=4)]
-    data = DocumentWindows(docs, seq_len=200, batch_size=3, seed=1)
-    encoded = [TOKENIZER.encode(d, add_bos=True, add_eos=True) for d in docs]
+    words = WordTokenizer.fit(docs)
+    data = DocumentWindows(docs, words, seq_len=80, batch_size=3, seed=1)
+    encoded = [words.encode(d, add_bos=True, add_eos=True) for d in docs]
     seen = []
     for step in range(4):  # 12 windows: two epochs of 5 documents, and two more
         batch = data.batch(step)
-        assert batch.shape == (3, 201) and batch.dtype == np.int32
+        assert batch.shape == (3, 81) and batch.dtype == np.int32
         for window in batch:
             (doc,) = [i for i, ids in enumerate(encoded) if window[:len(ids)].tolist() == ids]
             seen.append(doc)
     assert sorted(seen[:5]) == sorted(seen[5:10]) == list(range(5))  # each document once per epoch
-    np.testing.assert_array_equal(data.batch(2), DocumentWindows(docs, seq_len=200, batch_size=3, seed=1).batch(2))
+    np.testing.assert_array_equal(data.batch(2), DocumentWindows(docs, words, seq_len=80, batch_size=3, seed=1).batch(2))
+
+
+def test_a_training_cut_off_by_sigterm_is_not_recorded_as_a_finished_stage(tmp_path, monkeypatch):
+    from experiments.scalequest import models
+    from jaxsys.train import TrainConfig, TrainResult
+
+    def stopped(*args, **kwargs):
+        return TrainResult(state={"params": {}}, losses=[1.0], start_step=0, end_step=3, stopped_by_signal=True,
+                           tokens_per_s=1.0, ckpt_dir=tmp_path)
+    monkeypatch.setattr(models, "train", stopped)
+    calls = []
+
+    def stage():
+        calls.append(1)
+        models.train_lm(tmp_path / "m", TINY, BYTES, ["Question: a"], TrainConfig(steps=10, seq_len=16), None)
+        return [{"done": True}], {}
+    with pytest.raises(SystemExit, match="step 3 of 10"):
+        Stages(tmp_path).run("solver", stage)
+    assert not Stages(tmp_path).done("solver") and calls == [1]
 
 
 def test_finished_stages_are_read_back_and_cut_off_ones_rerun(tmp_path):

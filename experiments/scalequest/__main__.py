@@ -2,10 +2,12 @@
 
 The full run uses the `small` preset for the solver, the question models and the five
 students (seeds of 1-3 operations, harder tests of 4-6). `--quick` fits 2 CPU cores and half
-an hour: 0.89M-parameter models (128 wide, 4 layers; `tiny` is 64 wide with 2), 600 seeds of
-one operation (harder tests: 2-3), a solver trained for 600 steps and students for 150, 384
-questions per question model at temperature 0.8 and k=4 solver samples each. Every training
-window starts at an example (`models.DocumentWindows`), so 256 tokens hold a whole one.
+an hour: 0.9M-parameter models (128 wide, 4 layers; `tiny` is 64 wide with 2), 600 seeds of
+one operation (harder tests: 2-3), solver and students trained for 600 steps each, 2,048
+questions per question model at temperature 1 and k=8 solver samples each. Text is in word
+tokens (`jaxsys.data.tokenizer.WordTokenizer`, fit on the seeds: a one-operation example is
+~60 tokens against ~210 bytes), and every training window starts at an example
+(`models.DocumentWindows`), so a window of 128 holds two whole ones.
 Rerunning with the same --out skips every finished stage (delete a stage's files to redo it).
 The last line of stdout is JSON with `counts` (stage -> counts) and `accuracy`
 (student -> test set -> greedy exact-answer accuracy).
@@ -26,24 +28,28 @@ def configs(quick: bool):
     from jaxsys.config import get_preset
     from jaxsys.train import TrainConfig
 
+    from experiments.scalequest.filters import FilterConfig
     from experiments.scalequest.pipeline import PipelineConfig
     from experiments.scalequest.qpo import QPOConfig
 
     if not quick:
         return PipelineConfig(model=get_preset("small"))
-    # Between `tiny` (64 wide, 2 layers) and `small`: 128 wide, 4 layers, 0.89M parameters.
+    # Between `tiny` (64 wide, 2 layers) and `small`: 128 wide, 4 layers, 0.9M parameters.
     model = dataclasses.replace(get_preset("tiny"), dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                                 max_seq_len=1024)
+    # One-operation examples are ~60 word tokens: a window of 128 holds two whole ones.
     return PipelineConfig(
-        model=model, seeds=600, seed_steps=(1, 1), harder_steps=(2, 3), tests=64, questions=384, k=4,
-        question_temperature=0.8, solve_temperature=0.5,
-        solver=TrainConfig(steps=600, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=25,
-                           log_every=50, ckpt_every=150, keep_last=1),
-        student=TrainConfig(steps=150, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=15,
-                            log_every=50, ckpt_every=150, keep_last=1),
-        qft=TrainConfig(steps=100, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=10,
+        model=model, seeds=600, seed_steps=(1, 1), harder_steps=(2, 3), tests=256, questions=4096, k=8,
+        question_temperature=1.0, solve_temperature=0.7, question_len=96, solution_len=256, solution_tokens=128,
+        attempt_tokens=64,  # one-operation solutions are at most ~55 word tokens (2-3 operations: ~115)
+        filters=FilterConfig(min_steps=1),  # one-operation seeds: every question has one step
+        solver=TrainConfig(steps=600, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=25,
+                           log_every=50, ckpt_every=200, keep_last=1),
+        student=TrainConfig(steps=600, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=25,
+                            log_every=50, ckpt_every=200, keep_last=1),
+        qft=TrainConfig(steps=100, batch_size=16, seq_len=128, learning_rate=1e-3, warmup_steps=10,
                         log_every=20, ckpt_every=100, keep_last=1),
-        qpo=QPOConfig(steps=20, pairs_per_step=8, learning_rate=5e-4, beta=0.1))
+        qpo=QPOConfig(steps=20, pairs_per_step=8, learning_rate=2e-4, beta=0.1, nll_weight=1.0, seq_len=96))
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxsys.config import ModelConfig
-from jaxsys.data.tokenizer import ByteTokenizer
+from jaxsys.data.tokenizer import Tokenizer
 from jaxsys.data.training_text import extract_answer, format_prompt
 from jaxsys.decode import Decoder
 from jaxsys.model import ModelDef
@@ -25,7 +25,6 @@ from jaxsys.sampling import SamplingParams
 from jaxsys.train import TrainConfig, train
 
 log = logging.getLogger("scalequest")
-TOKENIZER = ByteTokenizer()
 QUESTION_PREFIX = "Question:"  # the empty user turn that question sampling starts from
 
 
@@ -45,10 +44,10 @@ class DocumentWindows:
     example when ``seq_len`` covers it; an epoch is one window per document.
     """
 
-    def __init__(self, docs: list[str], *, seq_len: int, batch_size: int, seed: int = 0):
+    def __init__(self, docs: list[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int = 0):
         if not docs:
             raise ValueError("no documents to train on; add data")
-        encoded = TOKENIZER.encode_batch(docs, add_bos=True, add_eos=True)
+        encoded = tokenizer.encode_batch(docs, add_bos=True, add_eos=True)
         self.starts = np.cumsum([0] + [len(ids) for ids in encoded[:-1]])
         stream = np.concatenate([np.asarray(ids, np.int32) for ids in encoded])
         self.tokens = np.resize(stream, len(stream) + seq_len + 1)  # wraps: every start has a full window
@@ -64,13 +63,16 @@ class DocumentWindows:
         return self.tokens[self.starts[docs][:, None] + np.arange(self.seq_len + 1)]
 
 
-def train_lm(ckpt_dir: Path, config: ModelConfig, docs: list[str], tc: TrainConfig, mesh, *,
+def train_lm(ckpt_dir: Path, config: ModelConfig, tokenizer: Tokenizer, docs: list[str], tc: TrainConfig, mesh, *,
              init_params=None) -> tuple[dict, dict]:
     """Trains (or resumes, or reads back) a language model on `docs`; (params, summary)."""
-    data = DocumentWindows(docs, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed)
+    data = DocumentWindows(docs, tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = train(config, tc, mesh, data, ckpt_dir=ckpt_dir, resume=True, init_params=init_params,
                    meta={"data": f"{len(docs)} documents"})
+    if result.stopped_by_signal:  # not a finished stage: stop here; a rerun resumes from the checkpoint
+        raise SystemExit(f"stopped by SIGTERM at step {result.end_step} of {tc.steps}; saved in {ckpt_dir}, "
+                         "rerun the same command to resume")
     summary = {"steps": result.end_step, "documents": len(docs), "tokens": int(len(data.tokens) - tc.seq_len - 1),
                "first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None,
@@ -94,8 +96,8 @@ def load_params(path: Path, config: ModelConfig) -> dict:
 class Sampler:
     """Batched generation of text continuations for any params of one model config."""
 
-    def __init__(self, config: ModelConfig, *, batch: int, max_len: int):
-        self.batch, self.max_len = batch, max_len
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, *, batch: int, max_len: int):
+        self.batch, self.max_len, self.tokenizer = batch, max_len, tokenizer
         self.decoder = Decoder(ModelDef(config), None, max_len=max_len, batch=batch, prefill_chunk=256)
 
     def complete(self, params, prompts: list[str], *, max_new_tokens: int, temperature: float,
@@ -103,7 +105,7 @@ class Sampler:
         """One continuation per prompt (up to EOS, which is dropped). Row i of the whole call
         samples with seed ``seed * 1_000_003 + i``, so equal prompts give different texts."""
         self.decoder.params = params
-        ids = TOKENIZER.encode_batch(prompts, add_bos=True)
+        ids = self.tokenizer.encode_batch(prompts, add_bos=True)
         texts: list[str] = []
         for start in range(0, len(ids), self.batch):
             chunk = ids[start:start + self.batch]
@@ -119,9 +121,9 @@ class Sampler:
             sp = SamplingParams.make(self.batch, temperature=temperature,
                                      seed=seed * 1_000_003 + start + np.arange(self.batch))
             out = self.decoder.generate(chunk, max_new_tokens=room, sampling=sp,
-                                        stop_ids=(TOKENIZER.eos_id,))
+                                        stop_ids=(self.tokenizer.eos_id,))
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-            texts += [TOKENIZER.decode(tokens[i, :lengths[i]]) for i in range(n)]
+            texts += [self.tokenizer.decode(tokens[i, :lengths[i]]) for i in range(n)]
         return texts
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from jaxsys.config import ModelConfig
 from jaxsys.data.corpus import generate_problems
+from jaxsys.data.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer
 from jaxsys.data.training_text import format_example, format_question_solution
 from jaxsys.train import TrainConfig
 
@@ -25,18 +26,21 @@ TEST_SETS = ("in_dist", "harder")
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    model: ModelConfig
+    model: ModelConfig  # its vocab_size is set to the tokenizer's (rounded up to 64)
+    # "word": the seeds' words as single ids, digits one by one, other text as bytes
+    # (`jaxsys.data.tokenizer.WordTokenizer`, fit on the seeds); "byte": UTF-8 bytes.
+    tokenizer: str = "word"
     seeds: int = 1000
     seed_steps: tuple[int, int] = (1, 3)  # operations per seed (and in_dist test) problem
     harder_steps: tuple[int, int] = (4, 6)
     tests: int = 200  # problems per test set
-    # 512 tokens hold a whole example of 1-3 operations (all but 0.5%; 256 held 44%).
-    solver: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=512, learning_rate=3e-3,
+    # 256 word tokens hold a whole example of 1-3 operations (as 512 bytes do for all but 0.5%).
+    solver: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=256, learning_rate=3e-3,
                                       warmup_steps=30, log_every=50, ckpt_every=200, keep_last=1)
     # Every student gets this budget: the same steps, batch and sequence length (a fresh init).
-    student: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=512, learning_rate=3e-3,
+    student: TrainConfig = TrainConfig(steps=600, batch_size=16, seq_len=256, learning_rate=3e-3,
                                        warmup_steps=30, log_every=50, ckpt_every=200, keep_last=1)
-    qft: TrainConfig = TrainConfig(steps=100, batch_size=16, seq_len=256, learning_rate=1e-3,
+    qft: TrainConfig = TrainConfig(steps=100, batch_size=16, seq_len=128, learning_rate=1e-3,
                                    warmup_steps=10, log_every=50, ckpt_every=100, keep_last=1)
     qpo: qpo.QPOConfig = qpo.QPOConfig()
     questions: int = 2000  # sampled by each question model
@@ -45,7 +49,10 @@ class PipelineConfig:
     solve_temperature: float = 0.8
     filters: filters.FilterConfig = filters.FilterConfig()
     sample_batch: int = 64
-    solution_tokens: int = 320
+    question_len: int = 128  # the question sampler's cache (tokens)
+    solution_len: int = 320  # the solution sampler's cache: prompt + solution
+    solution_tokens: int = 160  # new tokens per solution of a test problem (greedy evaluation)
+    attempt_tokens: int = 160  # new tokens per sampled solution of a synthetic question
     seed: int = 0
     students: tuple[str, ...] = field(default=STUDENTS)
 
@@ -66,17 +73,19 @@ def run(pc: PipelineConfig, root: Path, mesh) -> tuple[Stages, dict]:
     seed_questions = [p["question"] for p in seeds]
     test_questions = [p["question"] for t in tests.values() for p in t]
     seed_docs = [format_example(_as_problem(p)) for p in seeds]
+    tok = _tokenizer(st.run("tokenizer", lambda: _fit_tokenizer(pc.tokenizer, seed_docs)))
+    pc = dataclasses.replace(pc, model=dataclasses.replace(pc.model, vocab_size=-(-tok.vocab_size // 64) * 64))
 
     # 1. The solver.
-    solver_params = _train_stage(st, "solver", pc.model, seed_docs, pc.solver, mesh)
-    question_sampler = Sampler(pc.model, batch=pc.sample_batch, max_len=256)
-    solution_sampler = Sampler(pc.model, batch=pc.sample_batch, max_len=640)
+    solver_params = _train_stage(st, "solver", pc.model, tok, seed_docs, pc.solver, mesh)
+    question_sampler = Sampler(pc.model, tok, batch=pc.sample_batch, max_len=pc.question_len)
+    solution_sampler = Sampler(pc.model, tok, batch=pc.sample_batch, max_len=pc.solution_len)
     # The solver's own greedy accuracy: the level the synthetic responses are drawn from.
     st.run("solver_accuracy", lambda: _evaluate("solver", solver_params, tests, solution_sampler, pc))
 
     # 2. QFT: the solver fine-tuned on questions alone, then sampled from an empty user turn.
-    qft_params = _train_stage(st, "qft", pc.model, [question_document(q) for q in seed_questions], pc.qft, mesh,
-                              init_params=solver_params)
+    qft_params = _train_stage(st, "qft", pc.model, tok, [question_document(q) for q in seed_questions], pc.qft,
+                              mesh, init_params=solver_params)
     qft_questions = st.run("qft_questions", lambda: _sample(question_sampler, qft_params, pc, pc.seed + 1))
 
     def pipeline(tag: str, questions: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -94,7 +103,7 @@ def run(pc: PipelineConfig, root: Path, mesh) -> tuple[Stages, dict]:
     qpo_path = root / "models" / "qpo.npz"
     if not qpo_path.exists():
         if pairs:
-            params, rows = qpo.train_dpo(pc.model, qft_params, pairs, pc.qpo)
+            params, rows = qpo.train_dpo(pc.model, tok, qft_params, pairs, pc.qpo)
         else:
             log.warning("no preference pairs (no chosen or no rejected question): QPO keeps the QFT model")
             params, rows = qft_params, []
@@ -121,7 +130,7 @@ def run(pc: PipelineConfig, root: Path, mesh) -> tuple[Stages, dict]:
     for name in pc.students:
         docs = seed_docs + extra[name]
         random.Random(pc.seed).shuffle(docs)
-        rows = st.run(f"student_{name}", lambda: _student(name, docs, pc, root, mesh, tests, solution_sampler))
+        rows = st.run(f"student_{name}", lambda: _student(name, docs, pc, tok, root, mesh, tests, solution_sampler))
         results[name] = {r["test_set"]: r["accuracy"] for r in rows}
     return st, results
 
@@ -136,9 +145,27 @@ def _problems(n: int, seed: int, lo: int, hi: int) -> tuple[list[dict], dict]:
     return problems, {"problems": len(problems)}
 
 
-def _train_stage(st: Stages, name: str, config, docs, tc, mesh, init_params=None):
+def _fit_tokenizer(kind: str, docs: list[str]) -> tuple[list[dict], dict]:
+    if kind == "byte":
+        tokenizer: Tokenizer = ByteTokenizer()
+        records = [{"kind": "byte"}]
+    elif kind == "word":
+        tokenizer = WordTokenizer.fit(docs)
+        records = [{"kind": "word", "words": tokenizer.words}]
+    else:
+        raise ValueError(f"PipelineConfig.tokenizer={kind!r}: use 'word' or 'byte'")
+    lengths = [len(ids) for ids in tokenizer.encode_batch(docs, add_bos=True, add_eos=True)]
+    return records, {"kind": kind, "vocab_size": tokenizer.vocab_size, "seed_tokens_mean": sum(lengths) / len(lengths),
+                     "seed_tokens_max": max(lengths)}
+
+
+def _tokenizer(records: list[dict]) -> Tokenizer:
+    return WordTokenizer(records[0]["words"]) if records[0]["kind"] == "word" else ByteTokenizer()
+
+
+def _train_stage(st: Stages, name: str, config, tokenizer, docs, tc, mesh, init_params=None):
     ckpt = st.root / "models" / name
-    params, summary = train_lm(ckpt, config, docs, tc, mesh, init_params=init_params)
+    params, summary = train_lm(ckpt, config, tokenizer, docs, tc, mesh, init_params=init_params)
     st.run(name, lambda: ([summary], {"documents": len(docs), "steps": summary["steps"],
                                       "last_loss": summary["last_loss"]}))
     return params
@@ -152,7 +179,7 @@ def _sample(sampler, params, pc: PipelineConfig, seed: int) -> tuple[list[dict],
 def _attempts(sampler, params, kept: list[dict], pc: PipelineConfig) -> tuple[list[dict], dict]:
     questions = [r["question"] for r in kept]
     solutions = solve_questions(sampler, params, questions, k=pc.k, temperature=pc.solve_temperature,
-                                seed=pc.seed + 7, max_new_tokens=pc.solution_tokens)
+                                seed=pc.seed + 7, max_new_tokens=pc.attempt_tokens)
     records = [{**filters.attempt_record(q, s), "attempts": s} for q, s in zip(questions, solutions)]
     return records, {"questions": len(records), "samples": len(records) * pc.k,
                      "correct_samples": sum(r["correct"] for r in records)}
@@ -185,7 +212,7 @@ def _unfiltered(sampler, params, questions: list[dict], pc: PipelineConfig) -> t
     """One solver sample per raw question, unverified; questions too long to prompt are cut."""
     texts = [q["question"][:400] for q in questions]
     solutions = solve_questions(sampler, params, texts, k=1, temperature=pc.solve_temperature, seed=pc.seed + 9,
-                                max_new_tokens=pc.solution_tokens) if texts else []
+                                max_new_tokens=pc.attempt_tokens) if texts else []
     records = [{"question": q, "solution": s[0]} for q, s in zip(texts, solutions)]
     return records, {"examples": len(records)}
 
@@ -197,8 +224,8 @@ def _evaluate(name, params, tests, sampler, pc: PipelineConfig) -> tuple[list[di
     return rows, {r["test_set"]: r["accuracy"] for r in rows}
 
 
-def _student(name, docs, pc: PipelineConfig, root: Path, mesh, tests, sampler) -> tuple[list[dict], dict]:
-    params, summary = train_lm(root / "models" / f"student_{name}", pc.model, docs, pc.student_tc(), mesh)
+def _student(name, docs, pc: PipelineConfig, tokenizer, root: Path, mesh, tests, sampler) -> tuple[list[dict], dict]:
+    params, summary = train_lm(root / "models" / f"student_{name}", pc.model, tokenizer, docs, pc.student_tc(), mesh)
     rows, scores = _evaluate(name, params, tests, sampler, pc)
     rows = [{"student": name, "test_set": r["test_set"], "accuracy": r["accuracy"], "documents": len(docs),
              **{k: summary[k] for k in ("steps", "last_loss", "wall_s", "cpu_s")}} for r in rows]

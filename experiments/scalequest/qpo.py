@@ -2,10 +2,13 @@
 
 ScaleQuest asks a strong model to rewrite questions into better ones and prefers the
 rewrite; here the preferences come from labels instead, with no rewriting model: a question
-the verifier solves in at least `min_steps` operations and the solver does not always get
-right is *chosen*; an unsolvable question, or a trivial one (fewer operations, or one the
-solver never fails), is *rejected*. The policy and the frozen reference both start from the
-QFT model; the loss is `jaxsys.preference.dpo_loss` over the question tokens only.
+the verifier solves in at least `min_steps` operations and the solver gets right in some but
+not all of its samples is *chosen* (the questions the pipeline keeps and learns from); an
+unsolvable question, or a trivial one (fewer operations, or one the solver never fails), is
+*rejected*; one the solver never gets right has no label (too hard for it, or phrased in a
+way it cannot read: the samples cannot tell which). The policy and the frozen reference both
+start from the QFT model; the loss is `jaxsys.preference.dpo_loss` over the question tokens
+only.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import numpy as np
 import optax
 
 from jaxsys.config import ModelConfig
+from jaxsys.data.tokenizer import Tokenizer
 from jaxsys.model import ModelDef
 from jaxsys.preference import dpo_loss, sequence_logprobs
 from jaxsys.train import TrainConfig, make_optimizer
 
-from experiments.scalequest.models import QUESTION_PREFIX, TOKENIZER, question_document
+from experiments.scalequest.models import QUESTION_PREFIX, question_document
 
 log = logging.getLogger("scalequest")
 
@@ -35,6 +39,10 @@ class QPOConfig:
     pairs_per_step: int = 8
     learning_rate: float = 5e-4
     beta: float = 0.1
+    # Weight of the chosen questions' mean per-token negative log-likelihood added to the DPO
+    # loss (RPO, Pang et al. 2024): DPO alone can widen the margin by lowering both sequences,
+    # which here collapsed the sampled questions onto a few near-copies.
+    nll_weight: float = 1.0
     seq_len: int = 256  # question tokens beyond it are cut (and not scored)
     seed: int = 0
 
@@ -52,6 +60,8 @@ def label(record: dict, attempt: dict | None, *, min_steps: int) -> str | None:
         return None  # a duplicate or contaminated question: no solver label
     if attempt["failure_rate"] == 0:
         return "rejected"  # trivial for the solver
+    if attempt["failure_rate"] == 1:
+        return None  # never answered: no response to learn from, and no sign why
     return "chosen"
 
 
@@ -65,24 +75,25 @@ def make_pairs(chosen: list[str], rejected: list[str], *, seed: int) -> list[dic
     return [{"chosen": c, "rejected": rejected[i % len(rejected)]} for i, c in enumerate(chosen)]
 
 
-def encode_questions(questions: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_questions(questions: list[str], tokenizer: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """tokens [n, seq_len + 1] (BOS, prefix, question, EOS, pad) and mask [n, seq_len]: 1 on the
     targets that are question or EOS tokens, the part of the sequence the question model writes."""
-    prefix = len(TOKENIZER.encode(QUESTION_PREFIX, add_bos=True))
-    tokens = np.full((len(questions), seq_len + 1), TOKENIZER.pad_id, np.int32)
+    prefix = len(tokenizer.encode(QUESTION_PREFIX, add_bos=True))
+    tokens = np.full((len(questions), seq_len + 1), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(questions), seq_len), np.float32)
     for i, q in enumerate(questions):
-        ids = TOKENIZER.encode(question_document(q), add_bos=True, add_eos=True)[:seq_len + 1]
+        ids = tokenizer.encode(question_document(q), add_bos=True, add_eos=True)[:seq_len + 1]
         tokens[i, :len(ids)] = ids
         mask[i, prefix - 1:len(ids) - 1] = 1.0  # target t + 1 is scored at t
     return tokens, mask
 
 
-def train_dpo(config: ModelConfig, reference_params, pairs: list[dict], qc: QPOConfig) -> tuple[dict, list[dict]]:
+def train_dpo(config: ModelConfig, tokenizer: Tokenizer, reference_params, pairs: list[dict],
+              qc: QPOConfig) -> tuple[dict, list[dict]]:
     """DPO from the reference; returns (policy params, one metrics row per step)."""
     model = ModelDef(config)
-    chosen, chosen_mask = encode_questions([p["chosen"] for p in pairs], qc.seq_len)
-    rejected, rejected_mask = encode_questions([p["rejected"] for p in pairs], qc.seq_len)
+    chosen, chosen_mask = encode_questions([p["chosen"] for p in pairs], tokenizer, qc.seq_len)
+    rejected, rejected_mask = encode_questions([p["rejected"] for p in pairs], tokenizer, qc.seq_len)
     logprobs = jax.jit(lambda params, t, m: sequence_logprobs(model, params, t, m))
     ref_chosen = np.concatenate([np.asarray(logprobs(reference_params, chosen[i:i + 32], chosen_mask[i:i + 32]))
                                  for i in range(0, len(pairs), 32)])
@@ -99,7 +110,9 @@ def train_dpo(config: ModelConfig, reference_params, pairs: list[dict], qc: QPOC
             mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
             lp = sequence_logprobs(model, p, tokens, mask)
             n = batch["chosen"].shape[0]
-            return dpo_loss(lp[:n], lp[n:], batch["ref_chosen"], batch["ref_rejected"], beta=qc.beta)
+            loss, metrics = dpo_loss(lp[:n], lp[n:], batch["ref_chosen"], batch["ref_rejected"], beta=qc.beta)
+            nll = -jnp.mean(lp[:n] / batch["chosen_mask"].sum(-1))
+            return loss + qc.nll_weight * nll, {**metrics, "dpo_loss": loss, "chosen_nll": nll}
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": loss, **metrics}
