@@ -152,6 +152,19 @@ def test_every_training_window_starts_with_a_whole_document():
     np.testing.assert_array_equal(data.batch(2), DocumentWindows(docs, words, seq_len=80, batch_size=3, seed=1).batch(2))
 
 
+def test_the_tokenizer_stage_reads_back_the_tokenizer_it_fit():
+    from experiments.scalequest import pipeline
+
+    docs = [p.question for p in generate_problems(20, seed=6)]
+    records, counts = pipeline._fit_tokenizer("word", docs)
+    again = pipeline._tokenizer(json.loads(json.dumps(records)))  # as the stage file holds them
+    assert again.encode(docs[0]) == WordTokenizer.fit(docs).encode(docs[0])
+    assert counts["vocab_size"] == again.vocab_size > 259 and counts["seed_tokens_max"] < max(map(len, docs))
+    assert isinstance(pipeline._tokenizer(pipeline._fit_tokenizer("byte", docs)[0]), ByteTokenizer)
+    with pytest.raises(ValueError, match="'word' or 'byte'"):
+        pipeline._fit_tokenizer("bpe", docs)
+
+
 def test_a_training_cut_off_by_sigterm_is_not_recorded_as_a_finished_stage(tmp_path, monkeypatch):
     from experiments.scalequest import models
     from jaxsys.train import TrainConfig, TrainResult

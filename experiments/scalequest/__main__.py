@@ -3,7 +3,7 @@
 The full run uses the `small` preset for the solver, the question models and the five
 students (seeds of 1-3 operations, harder tests of 4-6). `--quick` fits 2 CPU cores and half
 an hour: 0.9M-parameter models (128 wide, 4 layers; `tiny` is 64 wide with 2), 600 seeds of
-one operation (harder tests: 2-3), solver and students trained for 600 steps each, 2,048
+one operation (harder tests: 2-3), solver and students trained for 600 steps each, 4,096
 questions per question model at temperature 1 and k=8 solver samples each. Text is in word
 tokens (`jaxsys.data.tokenizer.WordTokenizer`, fit on the seeds: a one-operation example is
 ~60 tokens against ~210 bytes), and every training window starts at an example
