@@ -155,7 +155,7 @@ def test_byte_tokenizer_round_trip():
     assert (tok.vocab_size, tok.pad_id, tok.eos_ids) == (259, 256, (258,))
 
 
-def test_word_tokenizer_keeps_words_whole_digits_apart_and_round_trips_any_text(tmp_path):
+def test_word_tokenizer_keeps_words_whole_digits_apart_and_round_trips_any_text():
     docs = [format_example(p) for p in generate_problems(50, seed=0)]
     tok = WordTokenizer.fit(docs)
     assert tok.vocab_size == 259 + len(tok.words) and (tok.bos_id, tok.eos_id, tok.pad_id) == (257, 258, 256)
@@ -171,12 +171,9 @@ def test_word_tokenizer_keeps_words_whole_digits_apart_and_round_trips_any_text(
     assert unknown == list(b"Zorblax")
     assert tok.decode([257, *ids, 258], skip_special=False) == "<bos>Question: Mia has 12 apples.<eos>"
     assert tok.decode([tok.vocab_size + 5]) == ""
-    tok.save(tmp_path / "words.json")
-    again = WordTokenizer.load(tmp_path / "words.json")
-    assert again.words == tok.words and again.encode(docs[0]) == tok.encode(docs[0])
-    (tmp_path / "other.json").write_text('{"kind": "bpe"}')
-    with pytest.raises(ValueError, match="not a saved WordTokenizer"):
-        WordTokenizer.load(tmp_path / "other.json")
+    assert WordTokenizer(tok.words).encode(docs[0]) == tok.encode(docs[0])  # the words are all it keeps
+    with pytest.raises(ValueError, match="longer than one byte"):
+        WordTokenizer([" has", "a"])
 
 
 def _build_hf_folder(folder, *, with_configs=True):

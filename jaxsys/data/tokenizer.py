@@ -77,11 +77,19 @@ class ByteTokenizer(Tokenizer):
             i = int(i)
             if 0 <= i < 256:
                 run.append(i)
-            elif i in self._SPECIAL_TEXT and not skip_special:
-                pieces += [run.decode("utf-8", errors="replace"), self._SPECIAL_TEXT[i]]
+                continue
+            text = self._piece(i)
+            if text is None and not skip_special:
+                text = self._SPECIAL_TEXT.get(i)
+            if text is not None:
+                pieces += [run.decode("utf-8", errors="replace"), text]
                 run = bytearray()
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)
+
+    def _piece(self, i: int) -> str | None:
+        """The text of an id above the bytes that is not a special token (none here)."""
+        return None
 
 
 class WordTokenizer(ByteTokenizer):
@@ -99,7 +107,10 @@ class WordTokenizer(ByteTokenizer):
     PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|.", re.S)
 
     def __init__(self, words: Sequence[str]):
-        words = list(dict.fromkeys(w for w in words if len(w.encode("utf-8")) > 1))
+        words = list(dict.fromkeys(words))
+        single = [w for w in words if len(w.encode("utf-8")) < 2]
+        if single:
+            raise ValueError(f"WordTokenizer words must be longer than one byte (bytes have their own ids): {single[:5]}")
         self.words = words
         self._ids = {w: ByteTokenizer.vocab_size + i for i, w in enumerate(words)}
         self.vocab_size = ByteTokenizer.vocab_size + len(words)
@@ -120,32 +131,9 @@ class WordTokenizer(ByteTokenizer):
             ids += [i] if i is not None else list(piece.encode("utf-8"))
         return ids
 
-    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
-        raw = bytearray()
-        pieces: list[str] = []
-        for i in ids:
-            i = int(i)
-            if 0 <= i < 256:
-                raw.append(i)
-                continue
-            pieces.append(raw.decode("utf-8", errors="replace"))
-            raw = bytearray()
-            if i >= ByteTokenizer.vocab_size and i - ByteTokenizer.vocab_size < len(self.words):
-                pieces.append(self.words[i - ByteTokenizer.vocab_size])
-            elif i in self._SPECIAL_TEXT and not skip_special:
-                pieces.append(self._SPECIAL_TEXT[i])
-        pieces.append(raw.decode("utf-8", errors="replace"))
-        return "".join(pieces)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"kind": "word", "words": self.words}, indent=0), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "WordTokenizer":
-        data = _read_json(Path(path))
-        if data.get("kind") != "word" or not isinstance(data.get("words"), list):
-            raise ValueError(f"{path} is not a saved WordTokenizer (expected {{'kind': 'word', 'words': [...]}})")
-        return cls(data["words"])
+    def _piece(self, i: int) -> str | None:
+        index = i - ByteTokenizer.vocab_size
+        return self.words[index] if 0 <= index < len(self.words) else None
 
 
 def _read_json(path: Path) -> dict:
