@@ -169,10 +169,12 @@ class Decoder:
 
     def __post_init__(self):
         self._programs: dict = {}
+        # Built by a compiled program (eager zeros may share one buffer, which donation
+        # rejects), compiled once: each call returns fresh buffers.
+        self._new_cache = jax.jit(partial(dense_cache, self.model.config, self.batch, self.max_len))
 
     def new_cache(self):
-        # Built by a compiled program: eager zeros may share one buffer, which donation rejects.
-        return jax.jit(lambda: dense_cache(self.model.config, self.batch, self.max_len))()
+        return self._new_cache()
 
     def _chunk(self, longest: int) -> int:
         return prefill_chunk_for(longest, self.prefill_chunk)

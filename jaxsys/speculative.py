@@ -364,6 +364,7 @@ class SpeculativeDecoder:
         self.target, self.target_params, self.draft, self.draft_params = target, target_params, draft, draft_params
         self.config, self.max_len, self.batch, self.prefill_chunk = config, max_len, batch, prefill_chunk
         self._programs: dict = {}
+        self._cache_builders: dict = {}
 
     @property
     def cache_len(self) -> int:
@@ -372,8 +373,13 @@ class SpeculativeDecoder:
         return self.max_len + c.outer_gamma + c.gamma + 4
 
     def new_caches(self, prompt_width: int):
-        c, b = self.config, self.batch
         length = max(self.cache_len, prompt_width)
+        if length not in self._cache_builders:  # compiled once per length; each call gives fresh buffers
+            self._cache_builders[length] = jax.jit(self._cache_builder(length))
+        return self._cache_builders[length]()
+
+    def _cache_builder(self, length: int):
+        c, b = self.config, self.batch
 
         def make():
             target = dense_cache(self.target.config, b, length)
@@ -386,7 +392,7 @@ class SpeculativeDecoder:
             if c.uses_retrieval:
                 retr = retrieval_cache(self.target.config, b, budget=c.retrieval_budget, window=c.retrieval_window)
             return target, draft, retr
-        return jax.jit(make)()
+        return make
 
     def programs(self, *, max_new_tokens, stop_ids, chunk, draft_chunk, filters):
         """(prefill, loop): jitted, the prefill donating the caches it fills."""
