@@ -113,6 +113,7 @@ class Attention(nnx.Module):
             return project(out.astype(dt), self.o, "bthk,hkd->btd"), cache
         if cache is None:
             k_pos = positions  # [B, S]
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kvH, S, hd], as caches keep them
         else:
             # The cache stores the new keys/values by position (`jaxsys.kvcache`);
             # attention runs over every slot, masked by the slots' positions.
@@ -125,12 +126,12 @@ class Attention(nnx.Module):
         groups = c.n_heads // c.n_kv_heads
         b, t = q.shape[:2]
         q = q.reshape(b, t, c.n_kv_heads, groups, -1)  # [B, T, kvH, G, hd]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+        scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32)
         scores = scores / math.sqrt(c.resolved_head_dim)
         causal = k_pos[:, :, None, None, :] <= positions[:, None, None, :, None]  # [B, kvH|1, 1, T, S]
         scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, c.n_heads, -1)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, c.n_heads, -1)
         return project(out, self.o, "bthk,hkd->btd"), cache
 
 

@@ -3,13 +3,15 @@
 Every cache here is a pytree of arrays per layer with two operations the model's
 attention calls: `write(k, v, positions, q)` stores the new tokens' keys/values and
 returns the new cache; `read()` returns (keys, values, key_positions) to attend
-over, where a key is visible to a query iff its position <= the query's position.
+over, keys and values head-major ([batch, kv_heads, slots, head_dim], the order the
+attention dots contract in, so no step copies the cache into it), where a key is
+visible to a query iff its position <= the query's position.
 Unused slots hold position `EMPTY` (larger than any real position), so causality
 alone masks them. Because visibility is decided by positions, rolling a sequence
 back (a rejected speculative draft) needs no write at all: the next tokens
 overwrite the stale slots before any query at those positions can see them.
 
-- `DenseCache`: slot == position ([batch, max_len, kv_heads, head_dim]); keeps the
+- `DenseCache`: slot == position ([batch, kv_heads, max_len, head_dim]); keeps the
   query of the first token of the last write (the retrieval cache is built from it).
 - `StreamingCache`: StreamingLLM (Xiao et al.): `sink` attention-sink slots for the
   first positions, then a ring buffer over the most recent `window` positions. The
@@ -41,40 +43,49 @@ def _scatter_tokens(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Arr
     return buf.at[b, slots].set(new.astype(buf.dtype), mode="drop")
 
 
+def _scatter_heads(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buf [B, kvH, S, ...] <- new [B, T, kvH, ...] at slots [B, T]; slots outside [0, S) are dropped."""
+    slots = jnp.broadcast_to(slots[:, None, :], buf.shape[:2] + slots.shape[1:])
+    slots = jnp.where(slots < 0, buf.shape[2], slots)
+    b = jnp.arange(buf.shape[0])[:, None, None]
+    h = jnp.arange(buf.shape[1])[None, :, None]
+    return buf.at[b, h, slots].set(jnp.swapaxes(new, 1, 2).astype(buf.dtype), mode="drop")
+
+
 class DenseCache(NamedTuple):
-    k: jax.Array  # [batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    k: jax.Array  # [batch, kv_heads, max_len, head_dim]
+    v: jax.Array  # [batch, kv_heads, max_len, head_dim]
     query: jax.Array  # [batch, n_heads, head_dim], the first query of the last write
 
     def write(self, k, v, positions, q) -> "DenseCache":
         slots = jnp.where(positions < 0, -1, positions)
-        return DenseCache(_scatter_tokens(self.k, k, slots), _scatter_tokens(self.v, v, slots),
+        return DenseCache(_scatter_heads(self.k, k, slots), _scatter_heads(self.v, v, slots),
                           q[:, 0].astype(self.query.dtype))
 
     def read(self):
-        b, s = self.k.shape[:2]
+        b, s = self.k.shape[0], self.k.shape[2]
         return self.k, self.v, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[2]
 
 
 class StreamingCache(NamedTuple):
-    k: jax.Array  # [batch, sink + window, kv_heads, head_dim]
+    k: jax.Array  # [batch, kv_heads, sink + window, head_dim]
     v: jax.Array
     pos: jax.Array  # [batch, sink + window] int32, EMPTY where unused
     sink: int  # static (a pytree leaf that is a Python int stays static under jit only as aux)
 
     def write(self, k, v, positions, q) -> "StreamingCache":
-        window = self.k.shape[1] - self.sink
+        window = self.k.shape[2] - self.sink
         ring = self.sink + (positions - self.sink) % window
         slots = jnp.where(positions < self.sink, positions, ring)
         # Of two positions in one write that share a ring slot only the later may land
         # (a scatter with duplicate indices keeps an unspecified one).
         overwritten = (positions >= self.sink) & (positions <= positions.max(axis=1, keepdims=True) - window)
         slots = jnp.where((positions < 0) | overwritten, -1, slots)
-        return StreamingCache(_scatter_tokens(self.k, k, slots), _scatter_tokens(self.v, v, slots),
+        return StreamingCache(_scatter_heads(self.k, k, slots), _scatter_heads(self.v, v, slots),
                               _scatter_tokens(self.pos, positions, slots), self.sink)
 
     def read(self):
@@ -82,7 +93,7 @@ class StreamingCache(NamedTuple):
 
 
 class RetrievalCache(NamedTuple):
-    k: jax.Array  # [batch, budget + window, kv_heads, head_dim]
+    k: jax.Array  # [batch, kv_heads, budget + window, head_dim]
     v: jax.Array
     pos: jax.Array  # [batch, kv_heads, budget + window] int32, EMPTY where unused
     base: jax.Array  # [batch] int32: position that maps to the first window slot
@@ -93,10 +104,9 @@ class RetrievalCache(NamedTuple):
         # by the selection); they are never rewritten here.
         slots = self.budget + positions - self.base[:, None]
         slots = jnp.where(positions < self.base[:, None], -1, slots)
-        pos = jnp.swapaxes(self.pos, 1, 2)  # [B, S, kvH]
-        new_pos = jnp.broadcast_to(positions[..., None], positions.shape + (pos.shape[-1],))
-        pos = jnp.swapaxes(_scatter_tokens(pos, new_pos, slots), 1, 2)
-        return RetrievalCache(_scatter_tokens(self.k, k, slots), _scatter_tokens(self.v, v, slots),
+        new_pos = jnp.broadcast_to(positions[..., None], positions.shape + (self.pos.shape[1],))  # [B, T, kvH]
+        pos = _scatter_heads(self.pos[..., None], new_pos[..., None], slots)[..., 0]
+        return RetrievalCache(_scatter_heads(self.k, k, slots), _scatter_heads(self.v, v, slots),
                               pos, self.base, self.budget)
 
     def read(self):
@@ -122,7 +132,7 @@ _register_static(RetrievalCache, "budget")
 
 def dense_cache(config, batch: int, max_len: int, dtype=None) -> tuple[DenseCache, ...]:
     dtype = dtype or config.dtype
-    shape = (batch, max_len, config.n_kv_heads, config.resolved_head_dim)
+    shape = (batch, config.n_kv_heads, max_len, config.resolved_head_dim)
     query = jnp.zeros((batch, config.n_heads, config.resolved_head_dim), jnp.float32)
     return tuple(DenseCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), query) for _ in range(config.n_layers))
 
@@ -131,7 +141,7 @@ def streaming_cache(config, batch: int, *, sink: int, window: int, dtype=None) -
     if sink < 0 or window < 1:
         raise ValueError(f"a streaming cache needs sink >= 0 and window >= 1, got {sink=} {window=}")
     dtype = dtype or config.dtype
-    shape = (batch, sink + window, config.n_kv_heads, config.resolved_head_dim)
+    shape = (batch, config.n_kv_heads, sink + window, config.resolved_head_dim)
     pos = jnp.full((batch, sink + window), EMPTY, jnp.int32)
     return tuple(StreamingCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos, sink)
                  for _ in range(config.n_layers))
@@ -140,7 +150,7 @@ def streaming_cache(config, batch: int, *, sink: int, window: int, dtype=None) -
 def retrieval_cache(config, batch: int, *, budget: int, window: int, dtype=None) -> tuple[RetrievalCache, ...]:
     """An empty retrieval cache (filled by `build_retrieval`)."""
     dtype = dtype or config.dtype
-    shape = (batch, budget + window, config.n_kv_heads, config.resolved_head_dim)
+    shape = (batch, config.n_kv_heads, budget + window, config.resolved_head_dim)
     pos = jnp.full((batch, config.n_kv_heads, budget + window), EMPTY, jnp.int32)
     base = jnp.zeros((batch,), jnp.int32)
     return tuple(RetrievalCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos, base, budget)
@@ -150,16 +160,16 @@ def retrieval_cache(config, batch: int, *, budget: int, window: int, dtype=None)
 def _select_chunks(layer: DenseCache, lengths: jax.Array, *, n_chunks_kept: int, chunk_size: int,
                    recent_chunks: int) -> jax.Array:
     """Chunk indices [B, kvH, n_chunks_kept] to keep for one layer (sorted ascending)."""
-    b, s, kv_heads, hd = layer.k.shape
+    b, kv_heads, s, hd = layer.k.shape
     n_chunks = s // chunk_size
-    keys = layer.k[:, :n_chunks * chunk_size].reshape(b, n_chunks, chunk_size, kv_heads, hd)
+    keys = layer.k[:, :, :n_chunks * chunk_size].reshape(b, kv_heads, n_chunks, chunk_size, hd)
     # Unmasked means: every chunk that is scored lies wholly below `lengths` (the chunk holding
     # the last token is always kept, later ones are never kept), so stale slots never count.
-    mean_key = keys.astype(jnp.float32).sum(2) / chunk_size  # [B, C, kvH, hd]
+    mean_key = keys.astype(jnp.float32).sum(3) / chunk_size  # [B, kvH, C, hd]
     count = jnp.clip(lengths[:, None] - jnp.arange(n_chunks)[None, :] * chunk_size, 0, chunk_size)  # [B, C]
     groups = layer.query.shape[1] // kv_heads
     query = layer.query.reshape(b, kv_heads, groups, hd).mean(2)  # [B, kvH, hd]
-    score = jnp.einsum("bckh,bkh->bkc", mean_key, query)
+    score = jnp.einsum("bkch,bkh->bkc", mean_key, query)
     last_chunk = (jnp.maximum(lengths, 1) - 1) // chunk_size  # [B]
     chunk = jnp.arange(n_chunks)[None, None, :]
     forced = (chunk == 0) | ((chunk <= last_chunk[:, None, None]) & (chunk > last_chunk[:, None, None] - recent_chunks))
@@ -179,7 +189,7 @@ def build_retrieval(full: tuple[DenseCache, ...], lengths: jax.Array, empty: tup
     """
     out = []
     for layer, rc in zip(full, empty):
-        b, s, kv_heads, hd = layer.k.shape
+        b, kv_heads, s, hd = layer.k.shape
         budget = rc.budget
         if budget % chunk_size:
             raise ValueError(f"retrieval budget {budget} must be a multiple of chunk_size {chunk_size}")
@@ -192,12 +202,12 @@ def build_retrieval(full: tuple[DenseCache, ...], lengths: jax.Array, empty: tup
         chunks = _select_chunks(layer, lengths, n_chunks_kept=n_kept, chunk_size=chunk_size,
                                 recent_chunks=recent_chunks)  # [B, kvH, n_kept]
         token = (chunks[..., None] * chunk_size + jnp.arange(chunk_size)).reshape(b, kv_heads, budget)
-        index = jnp.swapaxes(token, 1, 2)[..., None]  # [B, budget, kvH, 1]: gathers in the cache's own layout
-        k_sel = jnp.take_along_axis(layer.k, index, axis=1)  # [B, budget, kvH, hd]
-        v_sel = jnp.take_along_axis(layer.v, index, axis=1)
+        index = token[..., None]  # [B, kvH, budget, 1]
+        k_sel = jnp.take_along_axis(layer.k, index, axis=2)  # [B, kvH, budget, hd]
+        v_sel = jnp.take_along_axis(layer.v, index, axis=2)
         pos = jnp.where(token < lengths[:, None, None], token, EMPTY).astype(jnp.int32)
-        window_pos = jnp.full((b, kv_heads, rc.k.shape[1] - budget), EMPTY, jnp.int32)
-        out.append(RetrievalCache(rc.k.at[:, :budget].set(k_sel.astype(rc.k.dtype)),
-                                  rc.v.at[:, :budget].set(v_sel.astype(rc.v.dtype)),
+        window_pos = jnp.full((b, kv_heads, rc.k.shape[2] - budget), EMPTY, jnp.int32)
+        out.append(RetrievalCache(rc.k.at[:, :, :budget].set(k_sel.astype(rc.k.dtype)),
+                                  rc.v.at[:, :, :budget].set(v_sel.astype(rc.v.dtype)),
                                   jnp.concatenate([pos, window_pos], axis=-1), lengths.astype(jnp.int32), budget))
     return tuple(out)
