@@ -126,13 +126,40 @@ class Attention(nnx.Module):
         groups = c.n_heads // c.n_kv_heads
         b, t = q.shape[:2]
         q = q.reshape(b, t, c.n_kv_heads, groups, -1)  # [B, T, kvH, G, hd]
-        scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32)
-        scores = scores / math.sqrt(c.resolved_head_dim)
         causal = k_pos[:, :, None, None, :] <= positions[:, None, None, :, None]  # [B, kvH|1, 1, T, S]
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, c.n_heads, -1)
-        return project(out, self.o, "bthk,hkd->btd"), cache
+        if t * groups <= MATVEC_QUERIES and jax.default_backend() == "cpu":
+            out = _attention_matvecs(q, k, v, causal, dt)
+        else:
+            out = _attention(q, k, v, causal, dt)
+        return project(out.reshape(b, t, c.n_heads, -1), self.o, "bthk,hkd->btd"), cache
+
+
+# Decode steps and speculative verifies (few queries per KV head) on CPU: one
+# matrix-vector product per query and group runs 2-4x faster there than XLA CPU's
+# batched dot with a handful of rows ([6 x 16] x [16 x 4,296]: 1.5 vs 0.5 ms per layer).
+MATVEC_QUERIES = 16
+
+
+def _attention(q, k, v, causal, dt):
+    """q [B, T, kvH, G, hd], k/v [B, kvH, S, hd], causal [B, kvH|1, 1, T, S] -> [B, T, kvH, G, hd]."""
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v)
+
+
+def _attention_matvecs(q, k, v, causal, dt):
+    """`_attention` as one [S, hd] matrix-vector product per query and group."""
+    rows = []
+    for i in range(q.shape[1]):
+        cols = []
+        for g in range(q.shape[3]):
+            scores = jnp.einsum("bkh,bksh->bks", q[:, i, :, g], k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+            scores = jnp.where(causal[:, :, 0, i], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            cols.append(jnp.einsum("bks,bksh->bkh", probs, v))
+        rows.append(jnp.stack(cols, axis=2))
+    return jnp.stack(rows, axis=1)
 
 
 class MLP(nnx.Module):

@@ -95,3 +95,28 @@ def test_generator_rejects_bad_requests(tiny):
         gen.generate([1, 999], max_new_tokens=2)
     out = gen.generate([257, 70], max_new_tokens=5, eos_ids=(), ignore_eos=True)
     assert len(out.token_ids) == 5 and out.stopped_by == "length"
+
+
+def test_cpu_matvec_attention_equals_the_batched_form_and_float64():
+    """The few-query path (one matrix-vector product per query and group) against the batched dots and numpy."""
+    from jaxsys.model import _attention, _attention_matvecs
+
+    rng = np.random.default_rng(7)
+    b, t, kv_heads, groups, hd, s = 2, 3, 2, 2, 8, 40
+    q = rng.standard_normal((b, t, kv_heads, groups, hd)).astype(np.float32)
+    k = rng.standard_normal((b, kv_heads, s, hd)).astype(np.float32)
+    v = rng.standard_normal((b, kv_heads, s, hd)).astype(np.float32)
+    k_pos = np.arange(s)[None, None, :]
+    q_pos = np.array([[20, 21, 22], [37, 38, 39]])
+    causal = k_pos[:, :, None, None, :] <= q_pos[:, None, None, :, None]
+    fast = np.asarray(_attention_matvecs(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(causal),
+                                         jnp.float32))
+    batched = np.asarray(_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(causal),
+                                    jnp.float32))
+    scores = np.einsum("btkgh,bksh->bkgts", q.astype(np.float64), k.astype(np.float64)) / np.sqrt(hd)
+    scores = np.where(causal, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ref = np.einsum("bkgts,bksh->btkgh", probs, v.astype(np.float64))
+    np.testing.assert_allclose(fast, ref, atol=1e-5)
+    np.testing.assert_allclose(batched, ref, atol=1e-5)
