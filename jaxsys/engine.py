@@ -45,7 +45,8 @@ import numpy as np
 
 from jaxsys.kvcache.paged import PageAllocator, PagePoolExhausted, pages_per_sequence
 from jaxsys.model import ModelDef
-from jaxsys.nanobatch import Lane, empty_pools, search_split, serving_step, time_call, write_step
+from jaxsys.nanobatch import (Lane, compiler_options, empty_pools, search_split, serving_step, time_call,
+                              write_step)
 from jaxsys.sampling import SamplingParams
 
 log = logging.getLogger("jaxsys.engine")
@@ -76,6 +77,7 @@ class EngineConfig:
     splits: tuple[tuple[int, ...], ...] = ()  # nano-batch splits by decode rows, e.g. ((8, 8),)
     attention_impl: str = "auto"
     streams: bool = False  # each nano-batch on its own GPU stream (`compute_on("gpu_stream:N")`)
+    ynn_dots: bool = False  # on CPU, XLA's YNNPACK dot fusions in the step programs (default: Eigen dots, faster here)
     speculative: str = "none"  # "draft": a draft model proposes `gamma` tokens per round (`jaxsys.spec_serving`)
     gamma: int = 4
 
@@ -193,7 +195,8 @@ class Engine:
         self._running: list[Sequence] = []  # admission order: the last is preempted first
         self._ids = itertools.count()
         self._programs: dict = {}
-        self._write = jax.jit(write_step, donate_argnums=(0,))
+        self._jit = partial(jax.jit, compiler_options=compiler_options(config.ynn_dots))
+        self._write = self._jit(write_step, donate_argnums=(0,))
         self._thread: threading.Thread | None = None
         self._stop = False
         self.draining = False
@@ -471,7 +474,7 @@ class Engine:
         if key not in self._programs:
             step = partial(serving_step, self.model, split=split, filters=filters, impl=self.config.attention_impl,
                            streams=self.config.streams)
-            self._programs[key] = jax.jit(step)
+            self._programs[key] = self._jit(step)
         return self._programs[key]
 
     def _step(self, program, dec: Lane | None, pre: Lane | None):
@@ -561,7 +564,7 @@ class Engine:
                                max_len=self.max_len, filters=filters)
             else:
                 step = partial(spec_serving.spec_prefill_step, self.model, self.draft, filters=filters)
-            self._programs[key] = jax.jit(step, donate_argnums=(3,))  # the draft pools update in place
+            self._programs[key] = self._jit(step, donate_argnums=(3,))  # the draft pools update in place
         return self._programs[key]
 
     def _run_speculative(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):

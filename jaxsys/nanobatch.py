@@ -177,6 +177,19 @@ def write_step(pools, writes):
                  for (k, v), (nk, nv) in zip(pools, new_kv))
 
 
+# XLA:CPU (jax 0.10) hands dots to YNNPACK fusions by default. For the serving step's
+# matmuls of 1-32 rows (and the prefill lanes' 128) its Eigen dots ran faster on 2 AVX2
+# cores: the `small` model's 16-row decode step 21-25 -> 14-18 ms, 128-token prefill
+# 41-54 -> 36-37 ms, 1-row step about the same (each timed alone, alternating runs).
+# Batch-1 decoding (`jaxsys.decode`) saw no difference, so only the engine's programs opt out.
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(ynn_dots: bool = False) -> dict | None:
+    """XLA compile options of the engine's step programs: on CPU, YNNPACK dot fusions only if `ynn_dots`."""
+    return None if ynn_dots or jax.default_backend() != "cpu" else dict(_NO_YNN)
+
+
 def _on_stream(run, index: int):
     """Run a nano-batch on GPU stream `index + 1` where this JAX version offers stream annotations."""
     from jax.experimental.compute_on import compute_on

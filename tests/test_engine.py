@@ -65,6 +65,20 @@ def test_continuous_batching_greedy_equals_decode_generate_and_frees_every_page(
     assert engine.snapshot()["running"] == 0 and engine.snapshot()["waiting"] == 0
 
 
+def test_step_programs_choose_their_cpu_dots_and_answer_alike(tiny, engine):
+    """On CPU the step programs compile without YNNPACK dot fusions unless `ynn_dots`; answers agree."""
+    model, params = tiny
+    prompts = random_prompts((3, 21), seed=4)
+    ynn = Engine(model, params, dataclasses.replace(engine.config, ynn_dots=True))
+    got = [s.generated for s in engine.generate([Request(p, max_tokens=NEW) for p in prompts])]
+    alt = [s.generated for s in ynn.generate([Request(p, max_tokens=NEW) for p in prompts])]
+    for p, a, b in zip(prompts, got, alt):
+        assert_same_or_near_tie(model, params, p, a, b)
+    if jax.default_backend() == "cpu":
+        hlo = engine._program(1, False, False).lower(params, engine.pools, engine._lane(1, 1, []), None)
+        assert "__ynn_fusion" not in hlo.compile().as_text()
+
+
 def test_stop_tokens_limits_and_sampling_are_per_request(tiny, engine):
     model, params = tiny
     prompts = random_prompts((6, 9, 6), seed=1)
