@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import jax
@@ -186,8 +186,22 @@ _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def compiler_options(ynn_dots: bool = False) -> dict | None:
-    """XLA compile options of the engine's step programs: on CPU, YNNPACK dot fusions only if `ynn_dots`."""
-    return None if ynn_dots or jax.default_backend() != "cpu" else dict(_NO_YNN)
+    """XLA compile options of the engine's step programs: on CPU, YNNPACK dot fusions only if `ynn_dots`.
+
+    None (XLA's defaults) where this XLA has no such option.
+    """
+    if ynn_dots or jax.default_backend() != "cpu" or not _option_known():
+        return None
+    return dict(_NO_YNN)
+
+
+@cache
+def _option_known() -> bool:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_NO_YNN)(jnp.zeros(1)).block_until_ready()
+        return True
+    except jax.errors.JaxRuntimeError:  # "No such compile option" in an XLA without YNNPACK fusions
+        return False
 
 
 def _on_stream(run, index: int):
