@@ -3,9 +3,10 @@
 Continuous batching as Orca and vLLM do it: requests join and leave the running batch
 at every step. A step is one compiled program (`jaxsys.nanobatch.serving_step`) over
 the decode rows of every running sequence that has its whole context in pages (one
-token each), plus `prefill_lanes` rows that push a chunk of `prefill_chunk` prompt
-tokens each, so long prompts are prefilled chunk by chunk between decode steps. Shapes
-are static: decode rows are padded up to a bucket (powers of two up to `max_batch`),
+token each), plus up to `prefill_lanes` rows, one per sequence still prefilling, that
+push a chunk of `prefill_chunk` prompt tokens each, so long prompts are prefilled chunk
+by chunk between decode steps. Shapes are static: decode rows are padded up to a bucket
+(powers of two up to `max_batch`) and there is a program per number of prefill lanes,
 so a handful of programs serve every mix.
 
 KV pages come from one `PageAllocator` pool, allocated on the host before each step
@@ -491,19 +492,19 @@ class Engine:
                 for rows in self.buckets:
                     self._run_speculative_lanes(self._lane(rows, 2, []), np.zeros(rows, np.int32), None, f)
                     count += 1
-                self._run_speculative_lanes(None, None, self._lane(self.config.prefill_lanes,
-                                                                   self.config.prefill_chunk, []), f)
-                count += 1
+                for lanes in range(1, self.config.prefill_lanes + 1):
+                    self._run_speculative_lanes(None, None, self._lane(lanes, self.config.prefill_chunk, []), f)
+                    count += 1
             jax.block_until_ready(self.pools)
             return count
         for rows in (0, *self.buckets):
-            for has_prefill in (False, True):
-                if not rows and not has_prefill:
+            for lanes in range(self.config.prefill_lanes + 1):
+                if not rows and not lanes:
                     continue
                 for f in filters:
                     dec = self._lane(rows, 1, []) if rows else None
-                    pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, []) if has_prefill else None
-                    jax.block_until_ready(self._step(self._program(rows, has_prefill, f), dec, pre))
+                    pre = self._lane(lanes, self.config.prefill_chunk, []) if lanes else None
+                    jax.block_until_ready(self._step(self._program(rows, bool(lanes), f), dec, pre))
                     count += 1
         return count
 
@@ -555,6 +556,10 @@ class Engine:
                             jnp.asarray(seed.astype(np.uint32).astype(np.int32)))
         return Lane(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(table), jnp.asarray(select), sp)
 
+    def _prefill_lane(self, prefill: list[tuple[Sequence, int]]) -> Lane:
+        """One lane per prefilling sequence (a program per lane count: an idle lane would cost a full chunk)."""
+        return self._lane(len(prefill), self.config.prefill_chunk, prefill)
+
     def _spec_program(self, kind: str, rows: int, filters: bool):
         key = ("speculative", kind, rows, filters)
         if key not in self._programs:
@@ -577,7 +582,7 @@ class Engine:
             rounds = np.zeros(rows, np.int32)
             rounds[:len(decode)] = [s.rounds for s in decode]
         if prefill:
-            pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, prefill)
+            pre = self._prefill_lane(prefill)
         out, pre_tokens = self._run_speculative_lanes(dec, rounds, pre, filters)
         dec_tokens = []
         if decode:
@@ -609,7 +614,7 @@ class Engine:
         rows = self._bucket(len(decode)) if decode else 0
         filters = self._filters(decode + [s for s, _ in prefill])
         dec = self._lane(rows, 1, [(s, 1) for s in decode]) if decode else None
-        pre = self._lane(self.config.prefill_lanes, self.config.prefill_chunk, prefill) if prefill else None
+        pre = self._prefill_lane(prefill) if prefill else None
         dec_tokens, pre_tokens = self._step(self._program(rows, bool(prefill), filters), dec, pre)
         dec_tokens = [[t] for t in np.asarray(dec_tokens)[:len(decode)].tolist()] if decode else []
         pre_tokens = np.asarray(pre_tokens)[:len(prefill)] if prefill else []

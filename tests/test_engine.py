@@ -134,6 +134,18 @@ def test_bad_and_excess_requests_are_refused_with_reasons(tiny, engine):
     assert busy.value.status == 429 and busy.value.retry_after_s > 0
 
 
+def test_warmup_compiles_every_program_serving_then_uses(tiny):
+    """Decode buckets x prefill lane counts (0..prefill_lanes): after warm-up, serving compiles nothing."""
+    model, params = tiny
+    engine = Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, page_size=8, prefill_chunk=8,
+                                                prefill_lanes=2))
+    assert engine.warmup() == 3 * 3 - 1  # rows 0/1/2 x lanes 0/1/2, less the empty step
+    compiled = sum(p._cache_size() for p in engine._programs.values())
+    seqs = engine.generate([Request(p, max_tokens=4) for p in random_prompts((3, 20, 11), seed=5)])
+    assert all(s.finish_reason == "length" for s in seqs)  # one to three prefilling alongside 0-2 decoding
+    assert sum(p._cache_size() for p in engine._programs.values()) == compiled
+
+
 def test_nano_batches_compute_what_one_batch_computes(tiny):
     model, params = tiny
     pools = empty_pools(TINY, 10, 8)
