@@ -142,7 +142,7 @@ def test_warmup_compiles_every_program_serving_then_uses(tiny):
     assert engine.warmup() == 3 * 3 - 1  # rows 0/1/2 x lanes 0/1/2, less the empty step
     compiled = sum(p._cache_size() for p in engine._programs.values())
     seqs = engine.generate([Request(p, max_tokens=4) for p in random_prompts((3, 20, 11), seed=5)])
-    assert all(s.finish_reason == "length" for s in seqs)  # one to three prefilling alongside 0-2 decoding
+    assert all(s.finish_reason == "length" for s in seqs)  # steps of 1-2 prefill lanes beside 0-1 decode rows
     assert sum(p._cache_size() for p in engine._programs.values()) == compiled
 
 
