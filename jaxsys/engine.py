@@ -22,7 +22,14 @@ per step instead (`jaxsys.spec_serving`): the draft model proposes `gamma` token
 own pages (same page tables), the target verifies them in one forward, and each sequence
 keeps its accepted drafts plus the target's token, so greedy output is unchanged and
 sampled output keeps its distribution; `speculative_metrics()` gives the acceptance.
-The retrieval modes of `jaxsys generate` (`self`, `triforce`) are not served here.
+With `speculative="self"` the model drafts for itself over a retrieval selection of its
+own pages (TriForce's middle level, `jaxsys.spec_serving.self_decode_step`): per layer
+and KV head, `retrieval_budget` tokens of whole pages scored by their mean key against
+the query of the last verified token, plus every page committed since the selection. A
+sequence's selection is made on its first round and again every `rebuild_every` rounds,
+after a round that accepted less than `rebuild_below` of its drafts, or when its window
+would overflow; it lives on the host with the sequence and is dropped on preemption.
+TriForce's full hierarchy (`triforce`) runs in `jaxsys generate` only.
 
 Sampling is per request (temperature, top-k, top-p, seed) and keyed by (seed, position),
 as in `jaxsys.decode`, so a request's tokens do not depend on what else is batched with
@@ -53,7 +60,7 @@ from jaxsys.sampling import SamplingParams
 log = logging.getLogger("jaxsys.engine")
 
 STOP, LENGTH, TIMEOUT, CANCELLED, ERROR = "stop", "length", "timeout", "cancelled", "error"
-SPECULATIVE_MODES = ("none", "draft")
+SPECULATIVE_MODES = ("none", "draft", "self", "triforce")
 
 
 class EngineBusy(RuntimeError):
@@ -79,16 +86,31 @@ class EngineConfig:
     attention_impl: str = "auto"
     streams: bool = False  # each nano-batch on its own GPU stream (`compute_on("gpu_stream:N")`)
     ynn_dots: bool = False  # on CPU, XLA's YNNPACK dot fusions in the step programs (default: Eigen dots, faster here)
-    speculative: str = "none"  # "draft": a draft model proposes `gamma` tokens per round (`jaxsys.spec_serving`)
+    speculative: str = "none"  # "draft": a draft model proposes `gamma` tokens per round (`jaxsys.spec_serving`);
+    # "self": the model itself over a retrieval selection of its pages does
+    # "triforce": the draft model (StreamingLLM view of its pages) drafts `gamma` for the model over the retrieval
+    # selection, which drafts `gamma_outer` for the model over every page
     gamma: int = 4
+    gamma_outer: int = 8  # triforce: tokens the retrieval level proposes per full verify
+    draft_window: int = 256  # triforce: the draft model's recent window (tokens), beside its sink page
+    retrieval_budget: int = 256  # self: tokens (whole pages) the retrieval selection keeps per layer and KV head
+    rebuild_every: int = 8  # self: rounds between a sequence's selections
+    rebuild_below: float = 0.5  # ... or sooner, after a round that accepted less than this fraction
 
     def __post_init__(self):
-        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_lanes", "max_queue", "gamma"):
+        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_lanes", "max_queue", "gamma", "gamma_outer",
+                     "draft_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
         if self.speculative not in SPECULATIVE_MODES:
             raise ValueError(f"EngineConfig.speculative={self.speculative!r}: the engine serves "
-                             f"{SPECULATIVE_MODES} (retrieval modes `self`/`triforce` run in `jaxsys generate`)")
+                             f"{SPECULATIVE_MODES}")
+        if self.speculative in ("self", "triforce") and (self.retrieval_budget % self.page_size
+                                           or self.retrieval_budget < 2 * self.page_size):
+            raise ValueError(f"retrieval_budget={self.retrieval_budget} must be a multiple of page_size "
+                             f"{self.page_size} holding at least two pages (the sink page and the newest)")
+        if self.rebuild_every < 1:
+            raise ValueError(f"EngineConfig.rebuild_every={self.rebuild_every} must be >= 1")
 
 
 @dataclasses.dataclass
@@ -116,6 +138,7 @@ class Sequence:
         self.submitted = time.perf_counter()
         self.deadline = None if request.timeout_s is None else self.submitted + request.timeout_s
         self.rounds = 0  # speculative rounds (a key for their random draws)
+        self.retrieval: dict | None = None  # self-speculation: query, selection (chunks, base), rounds since, rate
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.cancel_requested = False
@@ -174,8 +197,19 @@ class Engine:
                  draft: ModelDef | None = None, draft_params=None):
         self.model, self.params, self.config = model, params, config
         c = model.config
-        if (config.speculative == "draft") != (draft is not None and draft_params is not None):
-            raise ValueError("speculative='draft' needs a draft model and its params (and only then takes them)")
+        if (config.speculative in ("draft", "triforce")) != (draft is not None and draft_params is not None):
+            raise ValueError(f"speculative={config.speculative!r}: 'draft' and 'triforce' need a draft model and its "
+                             f"params, the other modes take none")
+        kept = config.retrieval_budget // config.page_size
+        if config.speculative in ("self", "triforce") and kept > pages_per_sequence(config.max_len or c.max_seq_len,
+                                                                        config.page_size):
+            raise ValueError(f"retrieval_budget={config.retrieval_budget} exceeds the context length "
+                             f"{config.max_len or c.max_seq_len}; lower it")
+        # Tokens a full verify scores per round; the retrieval window: pages committed since the selection, read in
+        # full (a new selection when they would overflow); triforce's draft model reads its window's pages.
+        self.spec_width = config.gamma_outer if config.speculative == "triforce" else config.gamma
+        self.window_pages = -(-config.rebuild_every * (self.spec_width + 1) // config.page_size) + 1
+        self.draft_window_pages = -(-config.draft_window // config.page_size) + 1
         if draft is not None and draft.config.vocab_size != c.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({c.vocab_size}); speculative decoding needs the same token ids")
@@ -202,7 +236,7 @@ class Engine:
         self._stop = False
         self.draining = False
         self.counters = collections.Counter()
-        self.spec_accepted_at = np.zeros(config.gamma, np.int64)  # rounds that accepted draft j (speculative)
+        self.spec_accepted_at = np.zeros(self.spec_width, np.int64)  # rounds that accepted draft j (speculative)
 
     # ----- requests -----
     def check(self, request: Request) -> None:
@@ -276,12 +310,18 @@ class Engine:
         with self._cv:
             rounds, accepted = self.counters["spec_rounds"], self.counters["spec_accepted"]
             at = self.spec_accepted_at.copy()
-        drafted = rounds * self.config.gamma
+        drafted = rounds * self.spec_width
         emitted = accepted + rounds  # each round adds its accepted drafts and the target's token
-        return {"rounds": rounds, "acceptance": accepted / drafted if drafted else 0.0,
-                "acceptance_by_position": (at / rounds).tolist() if rounds else [0.0] * len(at),
-                "mean_accepted": accepted / rounds if rounds else 0.0,
-                "target_forwards_per_token": rounds / emitted if emitted else 0.0}
+        out = {"rounds": rounds, "acceptance": accepted / drafted if drafted else 0.0,
+               "acceptance_by_position": (at / rounds).tolist() if rounds else [0.0] * len(at),
+               "mean_accepted": accepted / rounds if rounds else 0.0,
+               "target_forwards_per_token": rounds / emitted if emitted else 0.0}
+        if self.config.speculative in ("self", "triforce"):
+            out["retrieval_rebuilds"] = self.counters["spec_rebuilds"]
+        if self.config.speculative == "triforce":  # the draft model's proposals to the retrieval level
+            inner = self.counters["spec_inner_drafted"]
+            out["draft_acceptance"] = self.counters["spec_inner_accepted"] / inner if inner else 0.0
+        return out
 
     def idle(self) -> bool:
         with self._cv:
@@ -307,7 +347,7 @@ class Engine:
     @property
     def _lookahead(self) -> int:
         """Positions past the next token that a decode step writes (the drafted tokens)."""
-        return self.config.gamma - 1 if self.config.speculative == "draft" else 0
+        return self.spec_width - 1 if self.config.speculative != "none" else 0
 
     # ----- the loop -----
     def start(self) -> None:
@@ -362,8 +402,10 @@ class Engine:
             time.sleep(0.001)
             return
         try:
-            if self.draft is not None:
+            if self.config.speculative == "draft":
                 dec_tokens, pre_tokens = self._run_speculative(decode, prefill)
+            elif self.config.speculative in ("self", "triforce"):
+                dec_tokens, pre_tokens = self._run_self(decode, prefill)
             else:
                 dec_tokens, pre_tokens = self._run(decode, prefill)
         except Exception as e:  # noqa: BLE001 - every request in the step gets the error, none hangs
@@ -436,6 +478,7 @@ class Engine:
         if self.allocator.pages(s.id):
             self.allocator.free(s.id)
         s.cached = 0
+        s.retrieval = None  # its next prefill gives the query of a new selection
         s.preemptions += 1
         self.counters["preemptions"] += 1
         self._running.remove(s)
@@ -487,6 +530,17 @@ class Engine:
     def warmup(self, *, filters: tuple[bool, ...] = (False,)) -> int:
         """Compile (by running once on rows that write nowhere) every step program; returns how many."""
         count = 0
+        if self.config.speculative in ("self", "triforce"):
+            for f in filters:
+                for rows in self.buckets:
+                    self._run_self_lanes(self._lane(rows, 2, []), *self._retrieval_inputs([], rows), None, f)
+                    count += 1
+                for lanes in range(1, self.config.prefill_lanes + 1):
+                    self._run_self_lanes(None, None, None, None, None, None,
+                                         self._lane(lanes, self.config.prefill_chunk, []), f)
+                    count += 1
+            jax.block_until_ready(self.pools)
+            return count
         if self.draft is not None:
             for f in filters:
                 for rows in self.buckets:
@@ -609,6 +663,124 @@ class Engine:
                 self.params, self.draft_params, self.pools, self.draft_pools, pre)
             self.pools = self._write(self.pools, writes)
         return out, pre_tokens
+
+    # ----- self-speculation and TriForce (`jaxsys.spec_serving`) -----
+    def _self_program(self, kind: str, rows: int, filters: bool):
+        key = (self.config.speculative, kind, rows, filters)
+        if key not in self._programs:
+            from jaxsys import spec_serving
+            c = self.config
+            if c.speculative == "self" and kind == "decode":
+                step = self._jit(partial(spec_serving.self_decode_step, self.model, gamma=c.gamma,
+                                         max_len=self.max_len, filters=filters, window_pages=self.window_pages))
+            elif c.speculative == "self":
+                step = self._jit(partial(spec_serving.self_prefill_step, self.model, filters=filters))
+            elif kind == "decode":
+                step = self._jit(partial(spec_serving.triforce_decode_step, self.model, self.draft, gamma=c.gamma,
+                                         gamma_outer=c.gamma_outer, max_len=self.max_len, filters=filters,
+                                         window_pages=self.window_pages, draft_window=c.draft_window,
+                                         draft_window_pages=self.draft_window_pages))
+            else:  # the draft pools update in place
+                step = self._jit(partial(spec_serving.triforce_prefill_step, self.model, self.draft,
+                                         filters=filters), donate_argnums=(3,))
+            self._programs[key] = step
+        return self._programs[key]
+
+    def _needs_selection(self, s: Sequence) -> bool:
+        """A new retrieval selection: the first round, every `rebuild_every` rounds, after a poorly accepted
+        round, or when the tokens committed since the last one would overflow the window."""
+        r, c = s.retrieval, self.config
+        if r is None or r.get("chunks") is None:
+            return True
+        since = s.context_len - 2 - r["base"]
+        return (r["since"] >= c.rebuild_every or r["rate"] < c.rebuild_below
+                or since > (self.window_pages - 1) * c.page_size)
+
+    def _retrieval_inputs(self, decode: list[Sequence], rows: int):
+        """Per-row (rounds, chunks, base, query, rebuild) arrays of a self-speculative round."""
+        c = self.model.config
+        kept = self.config.retrieval_budget // self.config.page_size
+        rounds = np.zeros(rows, np.int32)
+        chunks = np.zeros((rows, c.n_layers, c.n_kv_heads, kept), np.int32)
+        base = np.zeros(rows, np.int32)
+        query = np.zeros((rows, c.n_layers, c.n_heads, c.resolved_head_dim), np.float32)
+        rebuild = np.zeros(rows, bool)
+        for i, s in enumerate(decode):
+            rounds[i] = s.rounds
+            r = s.retrieval or {}
+            rebuild[i] = self._needs_selection(s)
+            if not rebuild[i]:
+                chunks[i], base[i] = r["chunks"], r["base"]
+            if r.get("query") is not None:
+                query[i] = r["query"]
+        return rounds, chunks, base, query, rebuild
+
+    def _run_self(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
+        """A self-speculative round for the decode rows, then the prefill lanes (which give each finished
+        prompt's query for its first selection)."""
+        filters = self._filters(decode + [s for s, _ in prefill])
+        dec, inputs = None, (None,) * 5
+        if decode:
+            rows = self._bucket(len(decode))
+            dec = self._lane(rows, 2, [(s, 2) for s in decode], start=lambda s: s.cached - 1)
+            inputs = self._retrieval_inputs(decode, rows)
+        pre = self._prefill_lane(prefill) if prefill else None
+        out, pre_out = self._run_self_lanes(dec, *inputs, pre, filters)
+        dec_tokens = []
+        if decode:
+            drafted, k, token, query, chunks, base, inner = (None if x is None else np.asarray(x) for x in out)
+            rebuild = inputs[-1]
+            for i, s in enumerate(decode):
+                s.rounds += 1
+                dec_tokens.append([*drafted[i, :k[i]].tolist(), int(token[i])])
+                r = s.retrieval if s.retrieval is not None else {}
+                if rebuild[i]:
+                    r.update(chunks=chunks[i], base=int(base[i]), since=0)
+                    self.counters["spec_rebuilds"] += 1
+                r.update(query=query[i], since=r["since"] + 1, rate=k[i] / self.spec_width)
+                s.retrieval = r
+                if inner is not None:
+                    self.counters["spec_inner_drafted"] += int(inner[i, 0])
+                    self.counters["spec_inner_accepted"] += int(inner[i, 1])
+                self.counters["spec_rounds"] += 1
+                self.counters["spec_accepted"] += int(k[i])
+                self.spec_accepted_at[:k[i]] += 1
+        pre_tokens = []
+        if prefill:
+            tokens, query = (np.asarray(x) for x in pre_out)
+            for i, (s, n) in enumerate(prefill):
+                if s.cached + n == s.context_len:  # the prompt is in: its last token's query scores the pages
+                    s.retrieval = {"query": query[i], "chunks": None}
+            pre_tokens = tokens[:len(prefill)]
+        return dec_tokens, pre_tokens
+
+    def _run_self_lanes(self, dec: Lane | None, rounds, chunks, base, query, rebuild, pre: Lane | None,
+                        filters: bool):
+        out = pre_out = None
+        triforce = self.config.speculative == "triforce"
+        models = (self.params, self.draft_params, self.pools, self.draft_pools) if triforce else \
+            (self.params, self.pools)
+        if dec is not None:
+            program = self._self_program("decode", dec.tokens.shape[0], filters)
+            drafted, k, token, writes, *rest = program(*models, dec, *map(jnp.asarray, (
+                rounds, chunks, base, query, rebuild)))
+            self.pools = self._write(self.pools, writes)
+            if triforce:
+                draft_writes, *rest = rest
+                self.draft_pools = self._write(self.draft_pools, draft_writes)
+            else:
+                rest.append(None)  # no inner level
+            out = (drafted, k, token, *rest)
+        if pre is not None:
+            models = (self.params, self.draft_params, self.pools, self.draft_pools) if triforce else \
+                (self.params, self.pools)
+            tokens, writes, query, *draft_pools = self._self_program("prefill", pre.tokens.shape[0], filters)(
+                *models, pre)
+            if triforce:
+                self.draft_pools = draft_pools[0]
+            self.pools = self._write(self.pools, writes)
+            pre_out = tokens, query
+        return out, pre_out
 
     def _run(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
         rows = self._bucket(len(decode)) if decode else 0

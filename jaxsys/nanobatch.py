@@ -41,7 +41,7 @@ from pallas_kernels.quant_attention.reference import merge_partials
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "page_table", "new_k", "new_v"],
+@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "page_table", "new_k", "new_v", "query"],
          meta_fields=["impl"])
 @dataclasses.dataclass(frozen=True)
 class StepCache:
@@ -52,6 +52,7 @@ class StepCache:
     page_table: jax.Array  # [b, pages_per_sequence], num_pages where no page
     new_k: jax.Array | None = None  # [b, T, kv_heads, head_dim] after `attend`
     new_v: jax.Array | None = None
+    query: jax.Array | None = None  # [b, T, H, hd] after `attend` (what a retrieval selection scores pages by)
     impl: str = "auto"
 
     def attend(self, q, k, v, positions):
@@ -66,7 +67,7 @@ class StepCache:
             old_out, old_lse = scan_attention(q, self.k[0], self.v[0], table, start)
         new_out, new_lse = causal_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions)
         out, _ = merge_partials([old_out, new_out], [old_lse, new_lse])
-        return out, dataclasses.replace(self, new_k=k, new_v=v)
+        return out, dataclasses.replace(self, new_k=k, new_v=v, query=q)
 
 
 def scan_attention(q, k_pool, v_pool, table, start, pages_per_step: int = 8):

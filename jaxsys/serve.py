@@ -452,7 +452,7 @@ def metrics_text(service: Service) -> str:
     metric("jaxsys_running_sequences", "gauge", "Sequences in the running batch.", [("", snap["running"])])
     metric("jaxsys_kv_pages_in_use", "gauge", "KV cache pages held by sequences.", [("", snap["pages_in_use"])])
     metric("jaxsys_kv_pages_total", "gauge", "KV cache pages in the pool.", [("", snap["pages_total"])])
-    if service.engine.draft is not None:
+    if service.engine.config.speculative != "none":
         spec = service.engine.speculative_metrics()
         metric("jaxsys_spec_rounds_total", "counter", "Speculative rounds (one target forward per sequence).",
                [("", spec["rounds"])])
@@ -460,6 +460,9 @@ def metrics_text(service: Service) -> str:
                [(f'{{position="{j}"}}', round(a, 6)) for j, a in enumerate(spec["acceptance_by_position"])])
         metric("jaxsys_spec_target_forwards_per_token", "gauge", "Target forwards per token of speculative rounds.",
                [("", round(spec["target_forwards_per_token"], 6))])
+        if "retrieval_rebuilds" in spec:
+            metric("jaxsys_spec_retrieval_rebuilds_total", "counter", "Retrieval selections made (self-speculation).",
+                   [("", spec["retrieval_rebuilds"])])
     lines += service.latency.lines("jaxsys_request_latency_seconds", "Submission to last token.")
     lines += service.ttft.lines("jaxsys_time_to_first_token_seconds", "Submission to first token.")
     return "\n".join(lines) + "\n"
@@ -523,10 +526,20 @@ def add_parser(sub) -> None:
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request ends")
     s.add_argument("--nano-batches", default="1", metavar="N|auto",
                    help="split the full decode batch into N nano-batches, or 'auto': search at start-up")
-    s.add_argument("--speculative", default="none", choices=("none", "draft"),
-                   help="draft: a draft model proposes --gamma tokens per round, the model verifies them (lossless)")
-    s.add_argument("--draft", default=None, help="the draft model (same vocabulary) for --speculative draft")
+    s.add_argument("--speculative", default="none", choices=("none", "draft", "self", "triforce"),
+                   help="draft: a draft model proposes --gamma tokens per round, the model verifies them; self: the "
+                        "model over a retrieval selection of its KV pages proposes them; triforce: the draft model "
+                        "proposes to the retrieval level, which proposes --gamma-outer tokens (all lossless)")
+    s.add_argument("--draft", default=None, help="the draft model (same vocabulary) for --speculative draft/triforce")
     s.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative round")
+    s.add_argument("--gamma-outer", type=int, default=8, help="triforce: tokens the retrieval level proposes to "
+                                                              "each full verify")
+    s.add_argument("--draft-window", type=int, default=256, help="triforce: the draft model's recent window "
+                                                                 "(tokens, beside its first page)")
+    s.add_argument("--retrieval-budget", type=int, default=256,
+                   help="self: tokens (whole pages) of each sequence's KV the drafting reads per layer and KV head, "
+                        "beside the pages committed since the selection")
+    s.add_argument("--rebuild-every", type=int, default=8, help="self: rounds between retrieval selections")
     s.add_argument("--warmup", action="store_true",
                    help="compile every step program before accepting requests (no compile lands in a request)")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
@@ -552,10 +565,12 @@ def build_engine(args):
     engine_config = EngineConfig(max_batch=args.max_batch, max_len=args.max_len, page_size=args.page_size,
                                  num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
                                  prefill_lanes=args.prefill_lanes, max_queue=args.max_queue,
-                                 speculative=args.speculative, gamma=args.gamma)
+                                 speculative=args.speculative, gamma=args.gamma,
+                                 retrieval_budget=args.retrieval_budget, rebuild_every=args.rebuild_every,
+                                 gamma_outer=args.gamma_outer, draft_window=args.draft_window)
     draft = draft_params = None
-    if (args.speculative == "draft") != (args.draft is not None):
-        raise ValueError("--speculative draft and --draft PATH go together")
+    if (args.speculative in ("draft", "triforce")) != (args.draft is not None):
+        raise ValueError("--draft PATH goes with --speculative draft or triforce (and only with them)")
     if args.draft is not None:
         loaded_draft = load_model(args.draft)
         draft = ModelDef(dataclasses.replace(loaded_draft.config, dtype=dtype))
@@ -568,8 +583,8 @@ def build_engine(args):
         n = int(args.nano_batches)
         engine_config = dataclasses.replace(engine_config, splits=tuple(
             even_split(rows, n) for rows in buckets_for(args.max_batch) if rows >= n))
-    if args.speculative == "draft" and args.nano_batches != "1":
-        raise ValueError("--nano-batches applies to plain decoding; drop it with --speculative draft")
+    if args.speculative != "none" and args.nano_batches != "1":
+        raise ValueError(f"--nano-batches applies to plain decoding; drop it with --speculative {args.speculative}")
     engine = Engine(model, params, engine_config, draft=draft, draft_params=draft_params)
     if args.nano_batches == "auto":
         search = engine.search_splits()

@@ -204,11 +204,14 @@ def test_speculative_greedy_equals_plain_greedy_and_survives_preemption(tiny):
     assert spec.allocator.num_free == spec.allocator.num_pages
 
 
-def test_speculative_sampling_follows_plain_sampling():
+@pytest.mark.parametrize("mode", ["draft", "self", "triforce"])
+def test_speculative_sampling_follows_plain_sampling(mode):
     """Second tokens (drafted and verified in a round) against the exact two-token marginal of the target.
 
     The rule itself (`jaxsys.speculative.accept`) is shared with `jaxsys generate`, whose test shows that
-    this kind of check catches a wrong resampling rule; here it checks the engine's use of it."""
+    this kind of check catches a wrong resampling rule; here it checks the engine's use of it. Self-speculation
+    keeps 2 pages of 4 tokens of the 15-16 token contexts, so its drafts differ from the target's; TriForce puts
+    the draft model (4-token window beside its sink page) under that, so both of its levels resample."""
     from scipy import stats
     config = dataclasses.replace(TINY, vocab_size=12)
     target, draft = ModelDef(config), ModelDef(dataclasses.replace(config, n_layers=1))
@@ -216,10 +219,11 @@ def test_speculative_sampling_follows_plain_sampling():
     tp, dp = sharpen(target.init(3)), sharpen(draft.init(4))
     prompt, rows, sampling = random_prompts((14,), seed=5)[0], 600, dict(temperature=1.0, top_k=6)
     prompt = [t % 12 for t in prompt]
-    engine = Engine(target, tp, EngineConfig(max_batch=2, max_len=24, page_size=8, prefill_chunk=16,
-                                             prefill_lanes=2, max_queue=rows, max_queued_pools=float(rows),
-                                             speculative="draft", gamma=2),
-                    draft=draft, draft_params=dp)
+    setup = dict(speculative="draft", page_size=8) if mode == "draft" else \
+        dict(speculative=mode, page_size=4, retrieval_budget=8, gamma_outer=2, draft_window=4)
+    engine = Engine(target, tp, EngineConfig(max_batch=2, max_len=24, prefill_chunk=16, prefill_lanes=2,
+                                             max_queue=rows, max_queued_pools=float(rows), gamma=2, **setup),
+                    **(dict(draft=draft, draft_params=dp) if mode != "self" else {}))
     seqs = engine.generate([Request(prompt, max_tokens=2, seed=i, **sampling) for i in range(rows)])
     second = np.asarray([s.generated[1] for s in seqs])
     one = SamplingParams.make(1, **sampling)
@@ -234,7 +238,10 @@ def test_speculative_sampling_follows_plain_sampling():
     expected = np.append(probs[keep], probs[~keep].sum()) * rows
     observed, expected = observed[expected > 0], expected[expected > 0]
     assert stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
-    assert 0 < engine.speculative_metrics()["acceptance"] < 1
+    metrics = engine.speculative_metrics()
+    assert 0 < metrics["acceptance"] < 1
+    if mode == "triforce":
+        assert 0 < metrics["draft_acceptance"] < 1
 
 
 def test_speculative_engine_setups_are_checked(tiny):
@@ -242,12 +249,125 @@ def test_speculative_engine_setups_are_checked(tiny):
     other = ModelDef(dataclasses.replace(TINY, vocab_size=200))
     with pytest.raises(ValueError, match="vocabulary"):
         Engine(model, params, EngineConfig(speculative="draft"), draft=other, draft_params=other.init(1))
-    with pytest.raises(ValueError, match="needs a draft model"):
+    with pytest.raises(ValueError, match="need a draft model"):
         Engine(model, params, EngineConfig(speculative="draft"))
     with pytest.raises(ValueError, match="gamma"):
         EngineConfig(speculative="draft", gamma=0)
-    with pytest.raises(ValueError, match="jaxsys generate"):
-        EngineConfig(speculative="triforce")
+    with pytest.raises(ValueError, match="serves"):
+        EngineConfig(speculative="medusa")
+    with pytest.raises(ValueError, match="need a draft model"):
+        Engine(model, params, EngineConfig(speculative="triforce"))
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        EngineConfig(speculative="self", page_size=16, retrieval_budget=40)
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        Engine(model, params, EngineConfig(speculative="self", max_len=64, page_size=8, retrieval_budget=128))
+    with pytest.raises(ValueError, match="need a draft model"):  # self-speculation takes no draft model
+        Engine(model, params, EngineConfig(speculative="self"), draft=model, draft_params=params)
+
+
+# ----- self-speculation: the model over a retrieval selection of its own pages drafts -----
+
+@pytest.mark.parametrize("budget", [16, 64])
+def test_self_speculation_greedy_equals_plain_greedy_and_survives_preemption(tiny, budget):
+    """Two pages of eight tokens kept: drafts that sometimes miss; every page (64 = the context): a draft that
+    attends to exactly what the target does, so every drafted token is accepted."""
+    model, params = tiny
+    prompts = random_prompts((1, 2, 19, 40, 7, 33), seed=4)
+    want = Decoder(model, params, max_len=MAX_LEN, batch=len(prompts)).generate(prompts, max_new_tokens=NEW)
+    spec = Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, page_size=8, num_pages=9,
+                                              prefill_chunk=16, speculative="self", gamma=3,
+                                              retrieval_budget=budget, rebuild_every=2))
+    seqs = spec.generate([Request(p, max_tokens=NEW) for p in prompts])
+    for p, s, row in zip(prompts, seqs, np.asarray(want.tokens)):
+        assert s.finish_reason == "length" and len(s.generated) == NEW
+        assert_same_or_near_tie(model, params, p, s.generated, row.tolist())
+    metrics = spec.speculative_metrics()
+    if budget == MAX_LEN:
+        assert metrics["acceptance"] == 1.0
+    else:
+        assert 0 < metrics["acceptance"] < 1
+        assert spec.counters["preemptions"] > 0  # recomputed sequences get a new selection from their prefill
+    assert metrics["retrieval_rebuilds"] >= len(prompts)  # one per prefill at least, then every 2 rounds
+    assert metrics["target_forwards_per_token"] < 1
+    assert spec.allocator.num_free == spec.allocator.num_pages
+
+
+def test_triforce_greedy_equals_plain_greedy_and_survives_preemption(tiny):
+    """The retrieval level keeps every page (64 tokens = the context), so it proposes what the target decodes
+    whenever its own inner loop (a perturbed draft model over a 16-token window and the sink page, rejected often)
+    is lossless: every proposal of the retrieval level must be accepted."""
+    model, params = tiny
+    prompts = random_prompts((1, 2, 19, 40, 7, 33), seed=4)
+    want = Decoder(model, params, max_len=MAX_LEN, batch=len(prompts)).generate(prompts, max_new_tokens=NEW)
+    spec = Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, page_size=8, num_pages=9,
+                                              prefill_chunk=16, speculative="triforce", gamma=2, gamma_outer=4,
+                                              draft_window=16, retrieval_budget=MAX_LEN, rebuild_every=2),
+                  draft=model, draft_params=perturbed(params, 0.6, seed=1))
+    seqs = spec.generate([Request(p, max_tokens=NEW) for p in prompts])
+    for p, s, row in zip(prompts, seqs, np.asarray(want.tokens)):
+        assert s.finish_reason == "length" and len(s.generated) == NEW
+        assert_same_or_near_tie(model, params, p, s.generated, row.tolist())
+    metrics = spec.speculative_metrics()
+    assert 0 < metrics["draft_acceptance"] < 1
+    assert metrics["acceptance"] == 1.0 and metrics["target_forwards_per_token"] == 1 / 5  # 4 proposed + 1 own
+    assert spec.counters["preemptions"] > 0  # recomputed sequences rebuild the draft model's pages too
+    assert spec.allocator.num_free == spec.allocator.num_pages
+
+
+def test_retrieval_view_equals_float64_attention_over_the_selected_pages():
+    """Selected pages (per KV head) below `base`, every page from `base` to `limit`, the round's earlier tokens
+    and the new ones: against float64 attention over exactly those keys, listed one by one."""
+    from jaxsys.spec_serving import RetrievalStepCache, select_pages
+    rng = np.random.default_rng(7)
+    kv_heads, heads, hd, page_size, num_pages, width, b, t, e = 2, 4, 8, 4, 20, 8, 3, 2, 3
+    k_pool, v_pool = (rng.normal(size=(kv_heads, num_pages, page_size, hd)).astype(np.float32) for _ in range(2))
+    table = np.stack([rng.permutation(num_pages)[:width] for _ in range(b)]).astype(np.int32)
+    limit = np.array([2, 17, 30], np.int32)  # keys in pages below it
+    base = np.array([0, 9, 21], np.int32)  # ... through the selection below this, in full from here
+    query = rng.normal(size=(b, heads, hd)).astype(np.float32)
+    chunks = np.asarray(select_pages(jnp.asarray(k_pool), jnp.asarray(table), jnp.asarray(base), jnp.asarray(query),
+                                     3))  # [b, kvH, 3]
+    for row in range(b):  # page 0 and the page of base - 1 always, then the best-scoring pages below base
+        for g in range(kv_heads):
+            pages = range(-(-base[row] // page_size))
+            scores = {p: k_pool[g, table[row, p]].astype(np.float64).mean(0)
+                      @ query[row, g * 2:g * 2 + 2].astype(np.float64).mean(0) for p in pages}
+            forced = {0, max(base[row] - 1, 0) // page_size} & set(pages)
+            rest = sorted(set(pages) - forced, key=lambda p: -scores[p])[:3 - len(forced)]
+            assert set(chunks[row, g]) >= forced | set(rest)
+    extra_pos = np.array([[-1, -1, -1], [17, 18, -1], [30, 31, 32]], np.int32)
+    positions = np.array([[2, 3], [19, 20], [33, -1]], np.int32)
+    extra_k, extra_v = (rng.normal(size=(b, e, kv_heads, hd)).astype(np.float32) for _ in range(2))
+    new_k, new_v = (rng.normal(size=(b, t, kv_heads, hd)).astype(np.float32) for _ in range(2))
+    q = rng.normal(size=(b, t, heads, hd)).astype(np.float32)
+    view = RetrievalStepCache((jnp.asarray(k_pool),), (jnp.asarray(v_pool),), jnp.asarray(table),
+                              jnp.asarray(chunks), jnp.asarray(base), jnp.asarray(limit), jnp.asarray(extra_k),
+                              jnp.asarray(extra_v), jnp.asarray(extra_pos), window_pages=4)
+    out, _ = view.attend(jnp.asarray(q), jnp.asarray(new_k), jnp.asarray(new_v), jnp.asarray(positions))
+    for row in range(b):
+        for i in range(t):
+            if positions[row, i] < 0:
+                continue
+            for h in range(heads):
+                g = h // 2
+                keys, values = [], []
+                for pos in range(limit[row]):  # from pages
+                    if pos >= base[row] or pos // page_size in chunks[row, g]:
+                        page = table[row, pos // page_size]
+                        keys.append(k_pool[g, page, pos % page_size])
+                        values.append(v_pool[g, page, pos % page_size])
+                for j in range(e):
+                    if 0 <= extra_pos[row, j] <= positions[row, i]:
+                        keys.append(extra_k[row, j, g])
+                        values.append(extra_v[row, j, g])
+                for j in range(t):
+                    if 0 <= positions[row, j] <= positions[row, i]:
+                        keys.append(new_k[row, j, g])
+                        values.append(new_v[row, j, g])
+                logits = np.asarray(keys, np.float64) @ q[row, i, h].astype(np.float64) / np.sqrt(hd)
+                w = np.exp(logits - logits.max())
+                np.testing.assert_allclose(np.asarray(out[row, i, h]), w @ np.asarray(values, np.float64) / w.sum(),
+                                           atol=1e-5)
 
 
 @pytest.mark.parametrize("pages_per_step", [1, 3, 8])

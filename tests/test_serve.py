@@ -192,14 +192,17 @@ def test_a_full_queue_answers_429_with_a_retry_hint(server):
     assert pages_in_use(client) == 0
 
 
-def test_speculative_serving_answers_as_plain_serving(server, model_dir):
-    """`serve --speculative draft --draft PATH`: the same greedy answer, acceptance in /metrics."""
+@pytest.mark.parametrize("mode", ["draft", "self"])
+def test_speculative_serving_answers_as_plain_serving(server, model_dir, mode):
+    """`serve --speculative draft --draft PATH` (the model drafting for itself) and `--speculative self` keeping
+    every page (64 tokens = the context): the same greedy answer, and every draft accepted in /metrics."""
     from jaxsys.cli import build_parser
     from jaxsys.serve import Service, build_engine, make_server
 
     _, client, _ = server
-    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--speculative", "draft", "--draft",
-                                      str(model_dir), "--gamma", "3", "--max-batch", "1", "--max-len", "64",
+    spec_args = ["--draft", str(model_dir)] if mode == "draft" else ["--retrieval-budget", "64"]
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--speculative", mode, *spec_args,
+                                      "--gamma", "3", "--max-batch", "1", "--max-len", "64",
                                       "--page-size", "8", "--prefill-chunk", "16"])
     engine, tokenizer, _ = build_engine(args)
     spec = make_server(Service(engine, tokenizer, "tiny-byte"), "127.0.0.1", 0)
@@ -214,10 +217,26 @@ def test_speculative_serving_answers_as_plain_serving(server, model_dir):
         metrics = httpx.get(url + "/metrics").text
         assert 'jaxsys_spec_acceptance{position="0"} 1.0' in metrics  # the model drafts for itself
         assert "jaxsys_spec_target_forwards_per_token 0.25" in metrics  # 3 drafts + 1 per target forward
+        assert ("jaxsys_spec_retrieval_rebuilds_total" in metrics) == (mode == "self")
     finally:
         engine.stop(drain=False)
         spec.shutdown()
         spec.server_close()
+
+
+def test_serve_options_configure_triforce_and_refuse_a_missing_draft(model_dir):
+    from jaxsys.cli import build_parser
+    from jaxsys.serve import build_engine
+
+    base = ["serve", "--model", str(model_dir), "--max-len", "64", "--page-size", "8", "--speculative", "triforce"]
+    args = build_parser().parse_args(base + ["--draft", str(model_dir), "--gamma", "2", "--gamma-outer", "5",
+                                             "--draft-window", "32", "--retrieval-budget", "32"])
+    engine, _, _ = build_engine(args)
+    c = engine.config
+    assert (c.speculative, c.gamma, c.gamma_outer, c.draft_window, c.retrieval_budget) == ("triforce", 2, 5, 32, 32)
+    assert engine.draft is not None and engine.speculative_metrics()["acceptance_by_position"] == [0.0] * 5
+    with pytest.raises(ValueError, match="--draft PATH goes with"):
+        build_engine(build_parser().parse_args(base))
 
 
 def test_sigterm_lets_in_flight_requests_finish(server):
