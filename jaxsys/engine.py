@@ -29,7 +29,9 @@ the query of the last verified token, plus every page committed since the select
 sequence's selection is made on its first round and again every `rebuild_every` rounds,
 after a round that accepted less than `rebuild_below` of its drafts, or when its window
 would overflow; it lives on the host with the sequence and is dropped on preemption.
-TriForce's full hierarchy (`triforce`) runs in `jaxsys generate` only.
+With `speculative="triforce"` the draft model, over its own pages as a StreamingLLM cache,
+drafts `gamma` tokens for that retrieval level until each row has `gamma_outer`, which the
+model over every page then verifies (`spec_serving.triforce_decode_step`).
 
 Sampling is per request (temperature, top-k, top-p, seed) and keyed by (seed, position),
 as in `jaxsys.decode`, so a request's tokens do not depend on what else is batched with
@@ -82,6 +84,9 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests before new ones get EngineBusy(429)
     # KV pages the waiting requests' contexts need, as a multiple of the pool, before new ones get 503.
     max_queued_pools: float = 4.0
+    # Decode row counts a program is compiled for (rows are padded up to the next); default powers of two up to
+    # max_batch. Fewer buckets: fewer programs to compile, more padded rows.
+    decode_buckets: tuple[int, ...] = ()
     splits: tuple[tuple[int, ...], ...] = ()  # nano-batch splits by decode rows, e.g. ((8, 8),)
     attention_impl: str = "auto"
     streams: bool = False  # each nano-batch on its own GPU stream (`compute_on("gpu_stream:N")`)
@@ -109,6 +114,10 @@ class EngineConfig:
                                            or self.retrieval_budget < 2 * self.page_size):
             raise ValueError(f"retrieval_budget={self.retrieval_budget} must be a multiple of page_size "
                              f"{self.page_size} holding at least two pages (the sink page and the newest)")
+        buckets = tuple(self.decode_buckets)
+        if buckets and (list(buckets) != sorted(set(buckets)) or buckets[0] < 1 or buckets[-1] != self.max_batch):
+            raise ValueError(f"decode_buckets={buckets} must be increasing positive row counts ending at max_batch "
+                             f"{self.max_batch}")
         if self.rebuild_every < 1:
             raise ValueError(f"EngineConfig.rebuild_every={self.rebuild_every} must be >= 1")
 
@@ -219,7 +228,7 @@ class Engine:
         num_pages = config.num_pages or config.max_batch * self.pages_per_sequence
         self.allocator = PageAllocator(num_pages, config.page_size)
         self._new_pools()
-        self.buckets = buckets_for(config.max_batch)
+        self.buckets = tuple(config.decode_buckets) or buckets_for(config.max_batch)
         self.splits = {sum(s): tuple(s) for s in config.splits}
         for rows, split in self.splits.items():
             if rows not in self.buckets or min(split) < 1:

@@ -144,6 +144,11 @@ def test_warmup_compiles_every_program_serving_then_uses(tiny):
     seqs = engine.generate([Request(p, max_tokens=4) for p in random_prompts((3, 20, 11), seed=5)])
     assert all(s.finish_reason == "length" for s in seqs)  # steps of 1-2 prefill lanes beside 0-1 decode rows
     assert sum(p._cache_size() for p in engine._programs.values()) == compiled
+    one_bucket = Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, page_size=8, prefill_chunk=8,
+                                                    prefill_lanes=2, decode_buckets=(2,)))
+    assert one_bucket.warmup() == 2 * 3 - 1  # rows 0/2 x lanes 0/1/2: one decode row is padded to two
+    with pytest.raises(ValueError, match="ending at max_batch"):
+        EngineConfig(max_batch=4, decode_buckets=(1, 2))
 
 
 def test_nano_batches_compute_what_one_batch_computes(tiny):
