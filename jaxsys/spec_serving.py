@@ -254,46 +254,46 @@ def self_decode_step(target: ModelDef, params, pools, lane: Lane, rounds, chunks
     n = lane.positions[:, 1] + 1
     origin = n - 2  # the round's fed tokens start here: pages are read below it
     limit = jnp.maximum(origin, 0)
-
-    def rebuilt():
-        new = jnp.stack([select_pages(k[0], lane.page_table, limit, query[:, i], chunks.shape[-1])
-                         for i, (k, _) in enumerate(pools)], axis=1)
-        return jnp.where(rebuild[:, None, None, None], new, chunks), jnp.where(rebuild, limit, base)
-
-    chunks, base = jax.lax.cond(jnp.any(rebuild), rebuilt, lambda: (chunks, base))
+    chunks, base = _reselect(pools, lane.page_table, limit, query, chunks, base, rebuild)
 
     def where_valid(pos):
         return jnp.where(valid[:, None] & (pos >= 0) & (pos < max_len), pos, -1)
 
-    kv_heads, hd = pools[0][0][0].shape[0], pools[0][0][0].shape[-1]
-    extra = [(jnp.zeros((b, gamma + 1, kv_heads, hd), jnp.float32),) * 2 for _ in pools]
-    extra_pos = jnp.full((b, gamma + 1), -1, jnp.int32)
+    extra, extra_pos = _empty_extra(target.config, b, gamma + 1)  # slot s: position origin + s
     rows = jnp.arange(b)[:, None]
     tokens, positions = lane.tokens, where_valid(lane.positions)
     drafted, qs = [], []
-    last = jnp.full((b, 1), 1, jnp.int32)
+    select = jnp.ones((b, 1), jnp.int32)
     for j in range(gamma):
-        caches = tuple(RetrievalStepCache(k, v, lane.page_table, chunks[:, i], base, limit, ek, ev, extra_pos,
-                                          window_pages=window_pages)
-                       for i, ((k, v), (ek, ev)) in enumerate(zip(pools, extra)))
-        logits, caches = target.apply(params, tokens, positions, caches, last if j == 0 else jnp.zeros_like(last))
+        logits, new = _round_forward(target, params, pools, lane.page_table, chunks, base, limit, extra, extra_pos,
+                                     tokens, positions, select, window_pages)
         q = warp(logits[:, 0], sp, filters=filters)
         token = draw(q, _keys(sp, DRAFT, n + j, rounds))
         drafted.append(token)
         qs.append(q)
-        slots = jnp.where(positions >= 0, positions - origin[:, None], gamma + 1)  # the round's slot of each token
-        extra = [(ek.at[rows, slots].set(c.new_k.astype(jnp.float32), mode="drop"),
-                  ev.at[rows, slots].set(c.new_v.astype(jnp.float32), mode="drop"))
-                 for (ek, ev), c in zip(extra, caches)]
-        extra_pos = extra_pos.at[rows, slots].set(positions, mode="drop")
-        tokens, positions = token[:, None], where_valid((n + j)[:, None])
+        extra, extra_pos = _keep(extra, extra_pos, new, positions, origin, rows)
+        tokens, positions, select = token[:, None], where_valid((n + j)[:, None]), jnp.zeros_like(select)
     drafted = jnp.stack(drafted, axis=1)
     k, token, writes, queries = _verify(target, params, pools, lane, drafted, jnp.stack(qs, axis=1), rounds,
                                         max_len=max_len, filters=filters)
-    # The new n - 2 is n + k - 1: the verify's fed index k + 1 (the target's own token is not fed yet).
+    return drafted, k, token, writes, _next_query(queries, k), chunks, base
+
+
+def _reselect(pools, table, limit, query, chunks, base, rebuild):
+    """New selections (`select_pages`, every layer) for the rows flagged `rebuild`; the others keep theirs."""
+    def rebuilt():
+        new = jnp.stack([select_pages(k[0], table, limit, query[:, i], chunks.shape[-1])
+                         for i, (k, _) in enumerate(pools)], axis=1)
+        return jnp.where(rebuild[:, None, None, None], new, chunks), jnp.where(rebuild, limit, base)
+
+    return jax.lax.cond(jnp.any(rebuild), rebuilt, lambda: (chunks, base))
+
+
+def _next_query(queries, k):
+    """Per-layer queries [b, L, H, hd] of the new position n - 2 = n + k - 1: the verify's fed index k + 1
+    (the target's own token is not fed yet)."""
     at = (k + 1)[:, None, None, None]
-    new_query = jnp.stack([jnp.take_along_axis(qy, at, axis=1)[:, 0] for qy in queries], axis=1)
-    return drafted, k, token, writes, new_query, chunks, base
+    return jnp.stack([jnp.take_along_axis(qy, at, axis=1)[:, 0] for qy in queries], axis=1)
 
 
 def self_prefill_step(target: ModelDef, params, pools, prefill: Lane, *, filters: bool):
@@ -310,8 +310,6 @@ def self_prefill_step(target: ModelDef, params, pools, prefill: Lane, *, filters
     query = jnp.stack([jnp.take_along_axis(c.query, at, axis=1)[:, 0] for c in caches], axis=1)
     return token, writes, query
 
-
-# ----- TriForce: draft model (StreamingLLM view) -> target on the retrieval view -> target on every page -----
 
 def _round_forward(model: ModelDef, params, pools, table, chunks, base, limit, extra, extra_pos, tokens, positions,
                    select, window_pages):
@@ -337,6 +335,8 @@ def _empty_extra(config, b: int, slots: int):
         jnp.full((b, slots), -1, jnp.int32)
 
 
+# ----- TriForce: draft model (StreamingLLM view) -> target on the retrieval view -> target on every page -----
+
 def triforce_decode_step(target: ModelDef, draft: ModelDef, params, draft_params, pools, draft_pools, lane: Lane,
                          rounds, chunks, base, query, rebuild, *, gamma: int, gamma_outer: int, max_len: int,
                          filters: bool, window_pages: int, draft_window: int, draft_window_pages: int):
@@ -359,13 +359,7 @@ def triforce_decode_step(target: ModelDef, draft: ModelDef, params, draft_params
     origin = n - 2  # round slot s holds position origin + s; slots 0, 1: the last two committed tokens
     limit = jnp.maximum(origin, 0)
     rows = jnp.arange(b)[:, None]
-
-    def rebuilt():
-        new = jnp.stack([select_pages(k[0], lane.page_table, limit, query[:, i], chunks.shape[-1])
-                         for i, (k, _) in enumerate(pools)], axis=1)
-        return jnp.where(rebuild[:, None, None, None], new, chunks), jnp.where(rebuild, limit, base)
-
-    chunks, base = jax.lax.cond(jnp.any(rebuild), rebuilt, lambda: (chunks, base))
+    chunks, base = _reselect(pools, lane.page_table, limit, query, chunks, base, rebuild)
     d_kv = draft.config.n_kv_heads
     sink = jnp.zeros((b, draft.config.n_layers, d_kv, 1), jnp.int32)  # page 0: the attention sinks
     page_size = pools[0][0][0].shape[2]
@@ -439,12 +433,10 @@ def triforce_decode_step(target: ModelDef, draft: ModelDef, params, draft_params
     drafted = seq[:, 2:2 + gamma_outer]
     k, token, writes, queries = _verify(target, params, pools, lane, drafted, qbuf[:, :gamma_outer], rounds,
                                         max_len=max_len, filters=filters)
-    at = (k + 1)[:, None, None, None]
-    new_query = jnp.stack([jnp.take_along_axis(qy, at, axis=1)[:, 0] for qy in queries], axis=1)
     num_pages = pools[0][0][0].shape[1]
     pages, offsets = token_pages(lane.page_table, d_pos, page_size, num_pages)
     draft_writes = (tuple((ek, ev) for ek, ev in d_extra), pages, offsets)
-    return drafted, k, token, writes, draft_writes, new_query, chunks, base, counts
+    return drafted, k, token, writes, draft_writes, _next_query(queries, k), chunks, base, counts
 
 
 def triforce_prefill_step(target: ModelDef, draft: ModelDef, params, draft_params, pools, draft_pools,
