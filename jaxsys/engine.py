@@ -650,12 +650,7 @@ class Engine:
         dec_tokens = []
         if decode:
             drafted, k, token = (np.asarray(x) for x in out)
-            for i, s in enumerate(decode):
-                s.rounds += 1
-                dec_tokens.append([*drafted[i, :k[i]].tolist(), int(token[i])])
-                self.counters["spec_rounds"] += 1
-                self.counters["spec_accepted"] += int(k[i])
-                self.spec_accepted_at[:k[i]] += 1
+            dec_tokens = [self._record_round(s, drafted[i], k[i], token[i]) for i, s in enumerate(decode)]
         return dec_tokens, np.asarray(pre_tokens)[:len(prefill)] if prefill else []
 
     def _run_speculative_lanes(self, dec: Lane | None, rounds, pre: Lane | None, filters: bool):
@@ -672,6 +667,14 @@ class Engine:
                 self.params, self.draft_params, self.pools, self.draft_pools, pre)
             self.pools = self._write(self.pools, writes)
         return out, pre_tokens
+
+    def _record_round(self, s: Sequence, drafted, k: int, token: int) -> list[int]:
+        """Count a sequence's speculative round; its new tokens: the accepted drafts and the verifier's token."""
+        s.rounds += 1
+        self.counters["spec_rounds"] += 1
+        self.counters["spec_accepted"] += int(k)
+        self.spec_accepted_at[:k] += 1
+        return [*drafted[:k].tolist(), int(token)]
 
     # ----- self-speculation and TriForce (`jaxsys.spec_serving`) -----
     def _self_program(self, kind: str, rows: int, filters: bool):
@@ -740,8 +743,7 @@ class Engine:
             drafted, k, token, query, chunks, base, inner = (None if x is None else np.asarray(x) for x in out)
             rebuild = inputs[-1]
             for i, s in enumerate(decode):
-                s.rounds += 1
-                dec_tokens.append([*drafted[i, :k[i]].tolist(), int(token[i])])
+                dec_tokens.append(self._record_round(s, drafted[i], k[i], token[i]))
                 r = s.retrieval if s.retrieval is not None else {}
                 if rebuild[i]:
                     r.update(chunks=chunks[i], base=int(base[i]), since=0)
@@ -751,9 +753,6 @@ class Engine:
                 if inner is not None:
                     self.counters["spec_inner_drafted"] += int(inner[i, 0])
                     self.counters["spec_inner_accepted"] += int(inner[i, 1])
-                self.counters["spec_rounds"] += 1
-                self.counters["spec_accepted"] += int(k[i])
-                self.spec_accepted_at[:k[i]] += 1
         pre_tokens = []
         if prefill:
             tokens, query = (np.asarray(x) for x in pre_out)
@@ -767,11 +766,13 @@ class Engine:
                         filters: bool):
         out = pre_out = None
         triforce = self.config.speculative == "triforce"
-        models = (self.params, self.draft_params, self.pools, self.draft_pools) if triforce else \
-            (self.params, self.pools)
+
+        def models():  # the pools as they are now (each program's writes replace them)
+            return (self.params, self.draft_params, self.pools, self.draft_pools) if triforce else \
+                (self.params, self.pools)
         if dec is not None:
             program = self._self_program("decode", dec.tokens.shape[0], filters)
-            drafted, k, token, writes, *rest = program(*models, dec, *map(jnp.asarray, (
+            drafted, k, token, writes, *rest = program(*models(), dec, *map(jnp.asarray, (
                 rounds, chunks, base, query, rebuild)))
             self.pools = self._write(self.pools, writes)
             if triforce:
@@ -781,10 +782,8 @@ class Engine:
                 rest.append(None)  # no inner level
             out = (drafted, k, token, *rest)
         if pre is not None:
-            models = (self.params, self.draft_params, self.pools, self.draft_pools) if triforce else \
-                (self.params, self.pools)
             tokens, writes, query, *draft_pools = self._self_program("prefill", pre.tokens.shape[0], filters)(
-                *models, pre)
+                *models(), pre)
             if triforce:
                 self.draft_pools = draft_pools[0]
             self.pools = self._write(self.pools, writes)

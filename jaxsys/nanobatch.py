@@ -128,13 +128,16 @@ def _slice(lane: Lane, start: int, stop: int) -> Lane:
     return jax.tree.map(lambda x: x[start:stop], lane)
 
 
-def _forward(model: ModelDef, params, pools, lane: Lane, *, filters: bool, impl: str):
-    """One nano-batch: the model on its rows -> (next tokens [b], per-layer (new_k, new_v))."""
+def lane_forward(model: ModelDef, params, pools, lane: Lane, *, filters: bool, impl: str):
+    """One nano-batch: the model on its rows -> (next tokens [b], per-layer (new_k, new_v), per-layer queries
+    [b, H, hd] of the sampled token, which a retrieval selection scores pages by; unused ones cost nothing)."""
     caches = tuple(StepCache(k, v, lane.page_table, impl=impl) for k, v in pools)
     logits, caches = model.apply(params, lane.tokens, lane.positions, caches, lane.select[:, None])
     position = jnp.take_along_axis(lane.positions, lane.select[:, None], axis=1)[:, 0]
     token = sample(logits[:, 0], lane.sampling, position + 1, filters=filters)
-    return token, [(c.new_k, c.new_v) for c in caches]
+    at = lane.select[:, None, None, None]
+    queries = [jnp.take_along_axis(c.query, at, axis=1)[:, 0] for c in caches]
+    return token, [(c.new_k, c.new_v) for c in caches], queries
 
 
 def serving_step(model: ModelDef, params, pools, decode: Lane | None, prefill: Lane | None, *,
@@ -153,7 +156,7 @@ def serving_step(model: ModelDef, params, pools, decode: Lane | None, prefill: L
     if prefill is not None:
         lanes.append(prefill)
     for i, lane in enumerate(lanes):
-        run = partial(_forward, model, params, pools, lane, filters=filters, impl=impl)
+        run = partial(lane_forward, model, params, pools, lane, filters=filters, impl=impl)
         pieces.append(_on_stream(run, i) if streams else run())
     # Every nano-batch's new tokens, flattened to rows of one token, for one scatter per layer.
     positions = jnp.concatenate([lane.positions.reshape(-1, 1) for lane in lanes])

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 
 from jaxsys.kvcache.paged import causal_attention, token_pages, write_tokens
 from jaxsys.model import ModelDef
-from jaxsys.nanobatch import Lane, StepCache, serving_step
-from jaxsys.sampling import ACCEPT, DRAFT, RESIDUAL, SamplingParams, draw, row_keys, sample, warp
+from jaxsys.nanobatch import Lane, StepCache, lane_forward, serving_step
+from jaxsys.sampling import ACCEPT, DRAFT, RESIDUAL, SamplingParams, draw, row_keys, warp
 from pallas_kernels.quant_attention.reference import merge_partials
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -299,16 +299,10 @@ def _next_query(queries, k):
 def self_prefill_step(target: ModelDef, params, pools, prefill: Lane, *, filters: bool):
     """Prefill lanes through the target; also returns each lane's query at `select` [P, L, H, hd]
     (the last prompt token's, which scores the first retrieval selection)."""
-    caches = tuple(StepCache(k, v, prefill.page_table) for k, v in pools)
-    logits, caches = target.apply(params, prefill.tokens, prefill.positions, caches, prefill.select[:, None])
-    position = jnp.take_along_axis(prefill.positions, prefill.select[:, None], axis=1)[:, 0]
-    token = sample(logits[:, 0], prefill.sampling, position + 1, filters=filters)
+    token, new_kv, queries = lane_forward(target, params, pools, prefill, filters=filters, impl="auto")
     num_pages, page_size = pools[0][0][0].shape[1:3]
     pages, offsets = token_pages(prefill.page_table, prefill.positions, page_size, num_pages)
-    writes = (tuple((c.new_k, c.new_v) for c in caches), pages, offsets)
-    at = prefill.select[:, None, None, None]
-    query = jnp.stack([jnp.take_along_axis(c.query, at, axis=1)[:, 0] for c in caches], axis=1)
-    return token, writes, query
+    return token, (tuple(new_kv), pages, offsets), jnp.stack(queries, axis=1)
 
 
 def _round_forward(model: ModelDef, params, pools, table, chunks, base, limit, extra, extra_pos, tokens, positions,
