@@ -246,6 +246,10 @@ class Engine:
         self.draining = False
         self.counters = collections.Counter()
         self.spec_accepted_at = np.zeros(self.spec_width, np.int64)  # rounds that accepted draft j (speculative)
+        # Tokens and ends recorded by the engine thread, handed to the sequences' streams once the next step's
+        # program is dispatched (`_deliver`): the HTTP threads that wake on them then run beside the device,
+        # instead of holding the interpreter while the engine plans its next step.
+        self._outbox: list[tuple[Sequence, int | None]] = []
 
     # ----- requests -----
     def check(self, request: Request) -> None:
@@ -390,16 +394,19 @@ class Engine:
         while True:
             with self._cv:
                 while not self._stop and not self._waiting and not self._running:
+                    self._deliver()
                     self._cv.wait()
                 if self._stop:
                     for s in [*self._waiting, *self._running]:
                         self._finish(s, CANCELLED)
+                    self._deliver()
                     return
             self.step()
 
     def run_until_idle(self) -> None:
         while not self.idle():
             self.step()
+        self._deliver()
 
     def step(self) -> None:
         """One scheduling round: expire, admit, plan (allocating pages), run one program, record."""
@@ -408,6 +415,7 @@ class Engine:
             self._admit()
             decode, prefill = self._plan()
         if not decode and not prefill:
+            self._deliver()
             time.sleep(0.001)
             return
         try:
@@ -426,6 +434,7 @@ class Engine:
                     failed = list(self._running)
                 for s in failed:
                     self._finish(s, ERROR, f"serving step failed: {e}")
+                self._deliver()
             return
         with self._cv:
             self.counters["steps"] += 1
@@ -498,7 +507,7 @@ class Engine:
         self.counters["generated_tokens"] += 1
         if s.first_token_at is None:
             s.first_token_at = time.perf_counter()
-        s._events.put(token)
+        self._outbox.append((s, token))
         if token in s.request.stop_ids:
             self._finish(s, STOP)
         elif len(s.generated) >= s.request.max_tokens:
@@ -515,9 +524,16 @@ class Engine:
             self._waiting.remove(s)
         s.finish_reason, s.error, s.finished_at = reason, error, time.perf_counter()
         self.counters[f"finished_{reason}"] += 1
-        s._events.put(None)
-        s.done.set()
+        self._outbox.append((s, None))
         self._cv.notify_all()
+
+    def _deliver(self) -> None:
+        """Hand the recorded tokens and ends to the sequences' streams, in order (an end also sets `done`)."""
+        out, self._outbox = self._outbox, []
+        for s, item in out:
+            s._events.put(item)
+            if item is None:
+                s.done.set()
 
     # ----- device work -----
     def _program(self, rows: int, has_prefill: bool, filters: bool, split: tuple[int, ...] | None = None):
@@ -534,6 +550,7 @@ class Engine:
         """Run a step program, then store its new keys/values (pools donated to the write program)."""
         dec_tokens, pre_tokens, writes = program(self.params, self.pools, dec, pre)
         self.pools = self._write(self.pools, writes)
+        self._deliver()  # the last step's tokens, while this one runs
         return dec_tokens, pre_tokens
 
     def warmup(self, *, filters: tuple[bool, ...] = (False,)) -> int:
@@ -666,6 +683,7 @@ class Engine:
             pre_tokens, writes, self.draft_pools = self._spec_program("prefill", pre.tokens.shape[0], filters)(
                 self.params, self.draft_params, self.pools, self.draft_pools, pre)
             self.pools = self._write(self.pools, writes)
+        self._deliver()  # the last step's tokens, while these programs run
         return out, pre_tokens
 
     def _record_round(self, s: Sequence, drafted, k: int, token: int) -> list[int]:
@@ -788,6 +806,7 @@ class Engine:
                 self.draft_pools = draft_pools[0]
             self.pools = self._write(self.pools, writes)
             pre_out = tokens, query
+        self._deliver()  # the last step's tokens, while these programs run
         return out, pre_out
 
     def _run(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):

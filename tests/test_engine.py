@@ -97,6 +97,24 @@ def test_stop_tokens_limits_and_sampling_are_per_request(tiny, engine):
     assert engine.allocator.num_free == engine.allocator.num_pages
 
 
+def test_streams_carry_every_token_in_order_then_end(tiny, engine):
+    """A step's tokens reach the streams once the next program is dispatched; none is lost and `done` comes
+    after the last of them, whether `run_until_idle` or the engine thread drives the steps."""
+    prompts = random_prompts((5, 12, 7), seed=6)
+    lengths = (3, 9, 1)
+    seqs = engine.generate([Request(p, max_tokens=n) for p, n in zip(prompts, lengths)])
+    assert [list(s.stream()) for s in seqs] == [s.generated for s in seqs]
+    assert [len(s.generated) for s in seqs] == list(lengths)
+    engine.start()
+    try:
+        seqs = [engine.submit(Request(p, max_tokens=n)) for p, n in zip(prompts, lengths)]
+        assert all(s.wait(30) for s in seqs)
+        assert [list(s.stream(poll_s=0.01)) for s in seqs] == [s.generated for s in seqs]
+        assert [len(s.generated) for s in seqs] == list(lengths)
+    finally:
+        engine.stop()
+
+
 def test_cancel_and_timeout_end_requests_and_return_their_pages(tiny, engine):
     timed = engine.submit(Request(random_prompts((4,))[0], max_tokens=40, timeout_s=0.01))
     time.sleep(0.05)  # expired before the engine runs a step

@@ -161,7 +161,8 @@ def test_disconnect_mid_stream_frees_pages(server):
     # 1000 tokens: still generating when the client has read the first event and looks at the pages.
     with client.stream("POST", "/v1/completions", json={"model": "tiny-byte", "prompt": "go", "max_tokens": 1000,
                                                         "temperature": 0, "ignore_eos": True, "stream": True}) as r:
-        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        lines = r.iter_lines()  # held: a dropped line iterator closes the response (the disconnect comes below)
+        first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["token_ids"]
         assert pages_in_use(client) > 0
     deadline = time.time() + 30
