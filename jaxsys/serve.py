@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import signal
 import threading
 import time
@@ -468,11 +469,16 @@ def metrics_text(service: Service) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Connections the kernel queues before the accept loop takes them (socketserver's default is 5: 32 clients
+    # connecting at once had some reset). Admission is the engine's job: a queue limit answers 429, not a reset.
+    request_queue_size = socket.SOMAXCONN
+
+
 def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("BoundHandler", (Handler,), {"service": service})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), handler)
 
 
 def serve(service: Service, host: str, port: int, *, ready=print) -> None:

@@ -172,6 +172,36 @@ def test_disconnect_mid_stream_frees_pages(server):
     assert 'jaxsys_requests_finished_total{reason="cancelled"} 1' in client.get("/metrics").text
 
 
+def test_many_clients_connecting_at_once_are_all_answered(server):
+    """A burst of connections beyond socketserver's default listen backlog of 5 is taken at once."""
+    import http.client
+    from urllib.parse import urlsplit
+    _, _, url = server
+    parts = urlsplit(url)
+    barrier, statuses = threading.Barrier(48), []
+
+    def one():
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        barrier.wait()
+        try:
+            conn.request("GET", "/health")
+            statuses.append(conn.getresponse().status)
+        except OSError as e:
+            statuses.append(repr(e))
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=one) for _ in range(48)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 48
+    # A connection the full backlog dropped is retried by the client's kernel after 1 s (the burst took 1.9-8.3 s
+    # with a backlog of 5; some connections were reset under load); answered at once it takes tens of ms.
+    assert time.perf_counter() - t0 < 1.0
+
+
 def test_a_full_queue_answers_429_with_a_retry_hint(server):
     _, client, _ = server
     results = []
