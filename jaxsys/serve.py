@@ -188,13 +188,36 @@ class Service:
 
 
 class TextTracker:
-    """Text deltas of a growing token list, holding back incomplete characters; applies stop strings."""
+    """Text deltas of a growing token list, holding back incomplete characters; applies stop strings.
+
+    Decodes incrementally, so a stream of n tokens costs O(n) decoding, not O(n^2): the text
+    of ids[:read] is kept, and each call decodes only ids[prefix:], the ids since the last
+    point where the text ended on a whole character plus those of the step before as context
+    (a tokenizer may render a piece differently at the start of a list, e.g. SentencePiece's
+    leading space), taking what follows the context's own text.
+    """
 
     def __init__(self, service: Service, stop: list[str]):
         self.service, self.stop, self.sent, self.stopped = service, stop, "", False
+        self.stable, self.prefix, self.read, self.head = "", 0, 0, ""  # head: text of ids[prefix:read]
+
+    def text(self, ids: list[int]) -> str | None:
+        """The text of `ids` (which extend the ids of earlier calls)."""
+        piece = self.service.text(ids[self.prefix:])
+        if piece is None:
+            return None
+        if not piece.startswith(self.head):  # the new ids changed how the context reads: decode them all
+            return self.service.text(ids)
+        new = piece[len(self.head):]
+        if not new.endswith("\ufffd"):  # whole characters (or none): the next calls start from here
+            self.stable += new
+            self.prefix, self.read = self.read, len(ids)
+            self.head = self.service.text(ids[self.prefix:self.read])
+            return self.stable
+        return self.stable + new
 
     def delta(self, ids: list[int], final: bool = False) -> str | None:
-        full = self.service.text(ids)
+        full = self.text(ids)
         if full is None:
             return None
         for s in self.stop:

@@ -302,3 +302,45 @@ def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
         server.shutdown()
         server.server_close()
 
+
+
+class _Decoding:
+    """A service stand-in: `text` decodes with a tokenizer and counts the ids it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids_decoded = tokenizer, 0
+
+    def text(self, ids):
+        self.ids_decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf"])
+def test_streamed_text_equals_decoding_every_prefix_at_linear_cost(kind, tmp_path):
+    from jaxsys.data import load_tokenizer
+    from jaxsys.serve import TextTracker
+    if kind == "byte":
+        tok = load_tokenizer("byte")
+        ids = tok.encode("héllo wörld 🙂 Ünïcode", add_bos=False)
+        ids = ids[:3] + [0xC3] + ids[3:9] + [258, 300] + ids[9:] + [0xF0, 0x9F]  # stray lead byte, specials, cut emoji
+    else:
+        from tests.test_data import _build_hf_folder
+        _build_hf_folder(tmp_path / "tok")
+        tok = load_tokenizer(tmp_path / "tok")
+        ids = tok.encode("Question: Mia has 12 apples. héllo  wörld 🙂 Ünïcode", add_bos=False)
+    service = _Decoding(tok)
+    tracker = TextTracker(service, [])
+    streamed = ""
+    for n in range(1, len(ids) + 1):
+        assert tracker.text(ids[:n]) == tok.decode(ids[:n]), n
+        streamed += tracker.delta(ids[:n]) or ""
+    streamed += tracker.delta(ids, final=True) or ""
+    assert streamed == tok.decode(ids)
+    # A long stream decodes each id a few times, not once per later token (that would be ~n^2 / 2).
+    long = (ids * 40)[:1000]
+    service.ids_decoded = 0
+    tracker = TextTracker(service, [])
+    for n in range(1, len(long) + 1):
+        tracker.delta(long[:n])
+    assert tracker.delta(long, final=True) is not None and tracker.sent == tok.decode(long)
+    assert service.ids_decoded < 20 * len(long)
