@@ -632,8 +632,8 @@ class Engine:
             table[row] = self.allocator.page_table([s.id], self.pages_per_sequence)[0]
             r = s.request
             temp[row], top_k[row], top_p[row], seed[row] = r.temperature, r.top_k, r.top_p, r.seed
-        # NumPy leaves: the compiled step's call moves them to the device (a jnp.asarray each: ~0.1 ms of
-        # Python dispatch per array, paid on every step).
+        # NumPy leaves, as every per-step input: the compiled step's call moves them to the device (a jnp.asarray
+        # each: ~0.1 ms of Python dispatch per array, paid on every step).
         sp = SamplingParams(temp, top_k, top_p, seed.astype(np.uint32).astype(np.int32))
         return Lane(tokens, positions, table, select, sp)
 
@@ -677,7 +677,7 @@ class Engine:
         if dec is not None:
             rows = dec.tokens.shape[0]
             drafted, k, token, writes, self.draft_pools = self._spec_program("decode", rows, filters)(
-                self.params, self.draft_params, self.pools, self.draft_pools, dec, jnp.asarray(rounds))
+                self.params, self.draft_params, self.pools, self.draft_pools, dec, rounds)
             self.pools = self._write(self.pools, writes)
             out = drafted, k, token
         if pre is not None:
@@ -791,8 +791,7 @@ class Engine:
                 (self.params, self.pools)
         if dec is not None:
             program = self._self_program("decode", dec.tokens.shape[0], filters)
-            drafted, k, token, writes, *rest = program(*models(), dec, *map(jnp.asarray, (
-                rounds, chunks, base, query, rebuild)))
+            drafted, k, token, writes, *rest = program(*models(), dec, rounds, chunks, base, query, rebuild)
             self.pools = self._write(self.pools, writes)
             if triforce:
                 draft_writes, *rest = rest

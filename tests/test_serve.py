@@ -303,7 +303,6 @@ def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
         server.server_close()
 
 
-
 class _Decoding:
     """A service stand-in: `text` decodes with a tokenizer and counts the ids it was given."""
 
