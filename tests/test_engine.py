@@ -384,15 +384,18 @@ def test_retrieval_view_equals_float64_attention_over_the_selected_pages():
                                            atol=1e-5)
 
 
-@pytest.mark.parametrize("pages_per_step", [1, 3, 8])
-def test_scan_attention_equals_float64_attention_over_the_pages(pages_per_step):
+# 2 queries x 2 groups per KV head: one matrix-vector product each (decode rows on CPU); 9 x 2: one batched dot.
+@pytest.mark.parametrize("pages_per_step,queries", [(1, 2), (3, 2), (8, 2), (3, 9)])
+def test_scan_attention_equals_float64_attention_over_the_pages(pages_per_step, queries):
+    from jaxsys.model import MATVEC_QUERIES
     from jaxsys.nanobatch import scan_attention
-    rng = np.random.default_rng(pages_per_step)
+    assert (queries * 2 <= MATVEC_QUERIES) == (queries == 2)
+    rng = np.random.default_rng(pages_per_step + queries)
     kv_heads, heads, hd, page_size, num_pages, width = 2, 4, 8, 4, 12, 5
     k_pool, v_pool = (rng.normal(size=(kv_heads, num_pages, page_size, hd)).astype(np.float32) for _ in range(2))
     table = np.stack([rng.permutation(num_pages)[:width] for _ in range(4)]).astype(np.int32)
     start = np.array([0, 3, 13, 20], np.int32)  # none, part of a page, several pages, the whole table
-    q = rng.normal(size=(4, 2, heads, hd)).astype(np.float32)
+    q = rng.normal(size=(4, queries, heads, hd)).astype(np.float32)
     out, lse = scan_attention(jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(table),
                               jnp.asarray(start), pages_per_step=pages_per_step)
     for row in range(4):
