@@ -232,7 +232,8 @@ def main(argv=None) -> int:
                         help="times every level is run, in turn; a level's throughput is its median round "
                              "(default 3, --quick 1)")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: give at least 1")
     steps = args.steps or (30 if args.quick else 80)
@@ -304,8 +305,8 @@ def main(argv=None) -> int:
     summary = {"model": "small", "train_steps": steps, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
                "server_nano_batches": args.nano_batches,
                "throughput_tok_s": {str(r["concurrency"]): r["throughput_tok_s"] for r in rows},
-               "levels": rows, "speedup_vs_sequential": speedup, "speedup_by_round": by_round, "lost": lost, "wrong": wrong,
-               "near_tie": near_tie, "pages_in_use_after": pages_after,
+               "levels": rows, "speedup_vs_sequential": speedup, "speedup_by_round": by_round, "lost": lost,
+               "wrong": wrong, "near_tie": near_tie, "pages_in_use_after": pages_after,
                "nanobatch_speedup": nano["nanobatch_speedup"], "fraction_of_optimal": nano["fraction_of_optimal"],
                "step_bound_speedup_16_vs_1": nano["step_bound_speedup_16_vs_1"],
                "nanobatch": nano, "device": "cpu",
