@@ -9,7 +9,7 @@ import pytest
 
 from experiments.scalequest import filters, qpo
 from experiments.scalequest.models import DocumentWindows
-from experiments.scalequest.stages import Stages
+from experiments.scalequest.stages import Stages, read_jsonl
 from jaxsys.config import get_preset
 from jaxsys.data.corpus import generate_problems
 from jaxsys.data.tokenizer import ByteTokenizer, WordTokenizer
@@ -194,9 +194,23 @@ def test_finished_stages_are_read_back_and_cut_off_ones_rerun(tmp_path):
     first = Stages(tmp_path).run("filter", stage)
     again = Stages(tmp_path)
     assert again.run("filter", stage) == first and len(calls) == 1
-    assert again.skipped == ["filter"] and again.counts["filter"] == {"kept": 1}
+    assert again.skipped == ["filter"] and again.counts["filter"] == {"kept": 1, "seconds": 0}
     (tmp_path / "cut.jsonl").write_text(json.dumps({"partial": True}) + "\n")  # no counts: cut off
     assert again.run("cut", stage) == [{"question": "Q", "n": 2}] and len(calls) == 2
+
+
+def test_a_run_cut_off_and_resumed_sums_its_sittings_and_read_back_reruns_add_none(tmp_path):
+    st = Stages(tmp_path)
+    st.log_sitting(wall_s=50, cpu_s=90, finished=True)  # an earlier run
+    st.run("solver", lambda: ([], {}))  # this run: two sittings
+    st.log_sitting(wall_s=100, cpu_s=180, finished=False)
+    st.log_sitting(wall_s=200, cpu_s=390, finished=True)
+    assert [s["wall_s"] for s in st.run_sittings()] == [100, 200]
+    again = Stages(tmp_path)
+    again.run("solver", lambda: ([], {}))  # read back: runs no stage
+    again.log_sitting(wall_s=3, cpu_s=3, finished=True)
+    assert again.skipped == ["solver"] and [s["wall_s"] for s in again.run_sittings()] == [100, 200]
+    assert [s["stages_run"] for s in read_jsonl(tmp_path / "sittings.jsonl")] == [0, 1, 1, 0]
 
 
 def _change_first_number(question: str) -> str:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -66,12 +67,25 @@ def main(argv=None) -> int:
 
     import meshes
     from experiments.scalequest.pipeline import STUDENTS, TEST_SETS, run
+    from experiments.scalequest.stages import Stages
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     pc = configs(args.quick)
     mesh = meshes.single_device_mesh(meshes.load_topology("cpu8").axis_names)
-    stages, accuracy = run(pc, out, mesh)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    stages, finished = Stages(out), False
+
+    def on_sigterm(signum, frame):  # outside training (which stops at a checkpoint by itself)
+        raise SystemExit("stopped by SIGTERM; rerun the same command to resume from the finished stages")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        accuracy = run(pc, stages, mesh)
+        finished = True
+    finally:  # every sitting is logged: a run cut off by SIGTERM and resumed later has several
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        stages.log_sitting(wall_s=wall, cpu_s=cpu, finished=finished)
+    sittings = stages.run_sittings()
+    total_wall, total_cpu = sum(s["wall_s"] for s in sittings), sum(s["cpu_s"] for s in sittings)
 
     print(f"ScaleQuest-style synthesis ({'quick' if args.quick else 'full'}): {pc.model.num_params / 1e6:.2f}M-param "
           f"models, {pc.seeds} seeds, {pc.questions} questions per question model, k={pc.k}; run folder {out}")
@@ -92,8 +106,12 @@ def main(argv=None) -> int:
     print(f"full - seeds_only on in_dist: {100 * gain:+.1f} points (goal +10)")
     print(f"wall {wall:.0f} s, process CPU {cpu:.0f} s (user+system), "
           f"stages read back from an earlier run: {len(stages.skipped)}")
+    if len(sittings) > 1:
+        print(f"the run took {len(sittings)} sittings (cut off by SIGTERM, then resumed): wall {total_wall} s, "
+              f"process CPU {total_cpu} s in all")
     print(json.dumps({"experiment": "scalequest", "quick": args.quick, "counts": stages.counts, "accuracy": accuracy,
                       "full_minus_seeds_in_dist": gain, "wall_s": wall, "cpu_s": cpu,
+                      "sittings": len(sittings), "wall_s_all_sittings": total_wall, "cpu_s_all_sittings": total_cpu,
                       "stages_skipped": stages.skipped}))
     return 0
 

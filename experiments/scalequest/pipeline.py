@@ -43,7 +43,7 @@ class PipelineConfig:
     qft: TrainConfig = TrainConfig(steps=100, batch_size=16, seq_len=128, learning_rate=1e-3,
                                    warmup_steps=10, log_every=50, ckpt_every=100, keep_last=1)
     qpo: qpo.QPOConfig = qpo.QPOConfig()
-    questions: int = 2000  # sampled by each question model
+    questions: int = 4096  # sampled by each question model (about a quarter survive de-duplication)
     question_temperature: float = 1.0
     k: int = 4  # solver samples per question (difficulty and responses)
     solve_temperature: float = 0.8
@@ -64,8 +64,9 @@ def problem_record(problem) -> dict:
     return dataclasses.asdict(problem)
 
 
-def run(pc: PipelineConfig, root: Path, mesh) -> tuple[Stages, dict]:
-    st = Stages(root)
+def run(pc: PipelineConfig, st: Stages, mesh) -> dict:
+    """Runs (or reads back) every stage under `st`; student -> test set -> accuracy."""
+    root = st.root
     lo, hi = pc.seed_steps
     seeds = st.run("seeds", lambda: _problems(pc.seeds, pc.seed + 100, lo, hi))
     tests = {"in_dist": st.run("test_in_dist", lambda: _problems(pc.tests, pc.seed + 200, lo, hi)),
@@ -132,7 +133,7 @@ def run(pc: PipelineConfig, root: Path, mesh) -> tuple[Stages, dict]:
         random.Random(pc.seed).shuffle(docs)
         rows = st.run(f"student_{name}", lambda: _student(name, docs, pc, tok, root, mesh, tests, solution_sampler))
         results[name] = {r["test_set"]: r["accuracy"] for r in rows}
-    return st, results
+    return results
 
 
 def _as_problem(record: dict):
@@ -167,7 +168,7 @@ def _train_stage(st: Stages, name: str, config, tokenizer, docs, tc, mesh, init_
     ckpt = st.root / "models" / name
     params, summary = train_lm(ckpt, config, tokenizer, docs, tc, mesh, init_params=init_params)
     st.run(name, lambda: ([summary], {"documents": len(docs), "steps": summary["steps"],
-                                      "last_loss": summary["last_loss"]}))
+                                      "last_loss": summary["last_loss"], "seconds": summary["wall_s"]}))
     return params
 
 

@@ -2,7 +2,8 @@
 
 The counts file is written last, after the records file is complete (both through a
 temporary name and a rename), so its presence means the stage finished: a rerun reads the
-records back instead of recomputing them. A stage that was cut off leaves no counts file
+records back instead of recomputing them. Counts carry the stage's wall `seconds` (a
+training stage's own figure when it gives one). A stage that was cut off leaves no counts file
 and runs again; training stages resume from their own checkpoints (`jaxsys.train`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +53,9 @@ class Stages:
             log.info("stage %s: finished before, read %s", name, records_path)
             return read_jsonl(records_path)
         log.info("stage %s: running", name)
+        t0 = time.perf_counter()
         records, counts = fn()
+        counts = {**counts, "seconds": round(counts.get("seconds", time.perf_counter() - t0))}
         write_jsonl(records_path, records)
         tmp = counts_path.with_name(counts_path.name + ".tmp")
         tmp.write_text(json.dumps(counts, indent=1) + "\n")
@@ -59,3 +63,20 @@ class Stages:
         self.counts[name] = counts
         log.info("stage %s: %s", name, counts)
         return records
+
+    def log_sitting(self, *, wall_s: float, cpu_s: float, finished: bool) -> None:
+        """Appends one process's time to `sittings.jsonl`, with the stages it ran."""
+        record = {"ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(wall_s), "cpu_s": round(cpu_s),
+                  "stages_run": len(self.counts) - len(self.skipped), "finished": finished}
+        with open(self.root / "sittings.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run_sittings(self) -> list[dict]:
+        """The logged sittings of the latest run: those after the previous finished one, with
+        later reruns that only read finished stages back left out."""
+        path = self.root / "sittings.jsonl"
+        sittings = read_jsonl(path) if path.exists() else []
+        while len(sittings) > 1 and sittings[-1]["finished"] and sittings[-1]["stages_run"] == 0:
+            sittings.pop()
+        earlier = [i for i, s in enumerate(sittings[:-1]) if s["finished"]]
+        return sittings[earlier[-1] + 1:] if earlier else sittings
