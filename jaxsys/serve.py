@@ -554,7 +554,8 @@ def add_parser(sub) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request ends")
     s.add_argument("--nano-batches", default="1", metavar="N|auto",
-                   help="split the full decode batch into N nano-batches, or 'auto': search at start-up")
+                   help="split every decode batch of at least N rows into N even nano-batches, "
+                        "or 'auto': search the full batch's split at start-up")
     s.add_argument("--speculative", default="none", choices=("none", "draft", "self", "triforce"),
                    help="draft: a draft model proposes --gamma tokens per round, the model verifies them; self: the "
                         "model over a retrieval selection of its KV pages proposes them; triforce: the draft model "
