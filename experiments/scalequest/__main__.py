@@ -1,16 +1,16 @@
 """`python -m experiments.scalequest [--quick] [--out DIR]`: the pipeline, a table, a JSON line.
 
 The full run uses the `small` preset (13M parameters) for the solver, the question models
-and the five students: 1,000 seeds of 1-3 operations (harder tests: 4-6), 600 training
-steps of 16 x 256 tokens per model, 4,096 questions per question model, k=4 solver samples
-each (`PipelineConfig`'s defaults). Its solver and each student train for ~40 min on 2 CPU
-cores; the README has what a run of it gave (a solver too weak at 1-3 operations to keep
-more than a few questions). `--quick` fits 2 CPU cores and half
-an hour: 0.9M-parameter models (128 wide, 4 layers; `tiny` is 64 wide with 2), 600 seeds of
-one operation (harder tests: 2-3), solver and students trained for 600 steps each, 4,096
-questions per question model at temperature 1 and k=8 solver samples each. Text is in word
-tokens (`jaxsys.data.tokenizer.WordTokenizer`, fit on the seeds: a one-operation example is
-~60 tokens against ~210 bytes), and every training window starts at an example
+and the five students: 1,000 seeds of 1-3 operations (harder tests: 4-6), 600 training steps
+of 16 x 256 tokens per model, 4,096 questions per question model, k=4 solver samples each
+(`PipelineConfig`'s defaults). Its solver and each student train for ~40 min on 2 CPU cores.
+At learning rate 3e-3 its solver was too weak to keep more than a few questions (README); it
+now trains at 1e-3. `--quick` fits 2 CPU cores and half an hour: 0.9M-parameter models (128
+wide, 4 layers; `tiny` is 64 wide with 2), 600 seeds of one operation (harder tests: 2-3),
+solver and students trained for 600 steps each, 4,096 questions per question model at
+temperature 1 and k=8 solver samples each. Text is in word tokens
+(`jaxsys.data.tokenizer.WordTokenizer`, fit on the seeds: a one-operation example is ~60
+tokens against ~210 bytes), and every training window starts at an example
 (`models.DocumentWindows`), so a window of 128 holds two whole ones.
 Rerunning with the same --out skips every finished stage (delete a stage's files to redo it).
 SIGTERM stops a run cleanly (a training stage at a checkpoint): each process appends its
