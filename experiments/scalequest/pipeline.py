@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class PipelineConfig:
     qft: TrainConfig = TrainConfig(steps=100, batch_size=16, seq_len=128, learning_rate=1e-3,
                                    warmup_steps=10, log_every=50, ckpt_every=100, keep_last=1)
     qpo: qpo.QPOConfig = qpo.QPOConfig()
-    questions: int = 4096  # sampled by each question model (about a quarter survive de-duplication)
+    # Sampled by each question model. With 4,096 the full run kept 90 QFT questions (its solver
+    # answers 0.08 of in_dist problems), too few beside 1,000 seeds to move a student.
+    questions: int = 16384
     question_temperature: float = 1.0
     k: int = 4  # solver samples per question (difficulty and responses)
     solve_temperature: float = 0.8
@@ -104,13 +107,15 @@ def run(pc: PipelineConfig, st: Stages, mesh) -> dict:
     pairs = st.run("qpo_pairs", lambda: _pairs(statics_qft, attempts_qft, pc))
     qpo_path = root / "models" / "qpo.npz"
     if not qpo_path.exists():
+        t0 = time.perf_counter()
         if pairs:
             params, rows = qpo.train_dpo(pc.model, tok, qft_params, pairs, pc.qpo)
         else:
             log.warning("no preference pairs (no chosen or no rejected question): QPO keeps the QFT model")
             params, rows = qft_params, []
         st.run("qpo_train", lambda: (rows, {"steps": len(rows), "pairs": len(pairs),
-                                            "last_loss": rows[-1]["loss"] if rows else None}))
+                                            "last_loss": rows[-1]["loss"] if rows else None,
+                                            "seconds": time.perf_counter() - t0}))
         save_params(qpo_path, params)
     qpo_params = load_params(qpo_path, pc.model)
     qpo_questions = st.run("qpo_questions", lambda: _sample(question_sampler, qpo_params, pc, pc.seed + 2))
