@@ -3,7 +3,8 @@
 The full run uses the `small` preset (13M parameters) for the solver, the question models
 and the five students: 1,000 seeds of 1-3 operations (harder tests: 4-6), 600 training steps
 of 16 x 256 tokens per model, 16,384 questions per question model, k=4 solver samples each
-(`PipelineConfig`'s defaults). Its solver and each student train for ~37 min on 2 CPU cores.
+(`PipelineConfig`'s defaults). Its solver and each student train for ~37 min on 2 CPU cores;
+the whole run took 4 h 48 min.
 At learning rate 3e-3 its solver was too weak to keep more than a few questions (README); it
 now trains at 1e-3. `--quick` fits 2 CPU cores and half an hour: 0.9M-parameter models (128
 wide, 4 layers; `tiny` is 64 wide with 2), 600 seeds of one operation (harder tests: 2-3),
