@@ -269,7 +269,8 @@ class Engine:
             raise ValueError(f"this request needs {need} KV pages, the pool has {self.allocator.num_pages}")
         if request.timeout_s is not None and not request.timeout_s > 0:
             raise ValueError(f"timeout_s={request.timeout_s} must be > 0")
-        SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+        SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                            seed=request.seed)  # a seed beyond int64 would fail the whole step, not one request
 
     def submit(self, request: Request) -> Sequence:
         """Queue a request; raises ValueError (bad request) or EngineBusy (try again later)."""

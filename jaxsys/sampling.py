@@ -33,12 +33,17 @@ class SamplingParams(NamedTuple):
     @classmethod
     def make(cls, batch: int, *, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> "SamplingParams":
         """Per-sequence parameters from scalars or length-`batch` sequences; checked on the host."""
-        def column(value, dtype, name):
-            arr = np.broadcast_to(np.asarray(value, dtype), (batch,)).copy()
+        def column(value, dtype, name, low=None):
+            try:
+                arr = np.broadcast_to(np.asarray(value, dtype), (batch,)).copy()
+            except OverflowError:  # e.g. an int beyond int32 from a request
+                info = np.iinfo(dtype)
+                raise ValueError(f"{name} must be an integer in [{info.min if low is None else low}, {info.max}], "
+                                 f"got {value!r}") from None
             if arr.shape != (batch,):
                 raise ValueError(f"{name} must be a scalar or have {batch} values, got {np.shape(value)}")
             return arr
-        t, k, p = column(temperature, np.float32, "temperature"), column(top_k, np.int32, "top_k"), \
+        t, k, p = column(temperature, np.float32, "temperature"), column(top_k, np.int32, "top_k", low=0), \
             column(top_p, np.float32, "top_p")
         if (t < 0).any() or not np.isfinite(t).all():
             raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {t.tolist()}")
@@ -46,7 +51,7 @@ class SamplingParams(NamedTuple):
             raise ValueError(f"top_k must be >= 0 (0 = off), got {k.tolist()}")
         if ((p <= 0) | (p > 1)).any():
             raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {p.tolist()}")
-        seed = np.broadcast_to(np.asarray(seed, np.int64), (batch,)).astype(np.uint32).astype(np.int32)
+        seed = column(seed, np.int64, "seed").astype(np.uint32).astype(np.int32)  # any int64, taken mod 2**32
         return cls(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p), jnp.asarray(seed))
 
     def needs_filters(self) -> bool:

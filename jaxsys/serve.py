@@ -4,7 +4,9 @@ Endpoints as the OpenAI API names them: `POST /v1/completions` and `/v1/chat/com
 (`"stream": true` answers with server-sent events, ended by `data: [DONE]`), `GET
 /v1/models`; and `GET /health`, `GET /metrics` (Prometheus text). Each choice carries
 `token_ids` (the generated ids) next to the text; every response carries `usage`.
-Extensions vLLM also accepts: `top_k`, `ignore_eos`, `stop_token_ids`.
+Extensions vLLM also accepts: `top_k`, `ignore_eos`, `stop_token_ids`. OpenAI fields it does
+not implement (`UNSUPPORTED_FIELDS`: log-probabilities, echo, penalties, tools, ...) are refused
+with a 400 unless they hold their off value.
 
 Built on the standard library's threaded HTTP server: one thread per connection, all of
 them feeding one `Engine` thread, which batches whatever is in flight. Nothing waits
@@ -72,6 +74,24 @@ def load_chat_template(model_path: Path | None, template_file: str | None) -> st
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return template if isinstance(template, str) else None
     return None
+
+
+# OpenAI request fields this server does not implement, each with what it accepts (the field's
+# "off" values): anything else is refused with a 400, not silently ignored.
+UNSUPPORTED_FIELDS = {
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: v is None or (v == 0 and not isinstance(v, bool)),
+    "echo": lambda v: v is None or v is False,
+    "best_of": lambda v: v is None or (v == 1 and not isinstance(v, bool)),
+    "suffix": lambda v: v is None or v == "",
+    "logit_bias": lambda v: v is None or v == {},
+    "presence_penalty": lambda v: v is None or (v == 0 and not isinstance(v, bool)),
+    "frequency_penalty": lambda v: v is None or (v == 0 and not isinstance(v, bool)),
+    "repetition_penalty": lambda v: v is None or (v == 1 and not isinstance(v, bool)),
+    "tools": lambda v: v is None or v == [],
+    "functions": lambda v: v is None or v == [],
+    "response_format": lambda v: v is None or v == {"type": "text"},
+}
 
 
 class Service:
@@ -148,7 +168,10 @@ class Service:
                 raise BadRequest(f"'{name}'={value} is out of range [{low}, {high}]")
             return value
 
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
+        for name, accepted in UNSUPPORTED_FIELDS.items():
+            if name in body and not accepted(body[name]):
+                raise BadRequest(f"'{name}' is not supported by this server; leave it out (got {repr(body[name])[:80]})")
+        max_tokens = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), 16)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
             raise BadRequest(f"'max_tokens' must be an integer, got {type(max_tokens).__name__}")
         if max_tokens < 1:
@@ -352,6 +375,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         except EngineBusy as e:
             self._error(e.status, str(e), "overloaded", headers=[("Retry-After", str(max(1, round(e.retry_after_s))))])
+            return
+        except Exception as e:  # noqa: BLE001 - a check that failed unexpectedly: answer, never drop the connection
+            log.exception("request rejected by an unexpected error")
+            self._error(500, f"the request could not be read: {type(e).__name__}: {e}", "server_error")
             return
         (self._stream if stream else self._complete)(seq, chat, stop)
 

@@ -143,6 +143,11 @@ def test_bad_and_excess_requests_are_refused_with_reasons(tiny, engine):
         engine.submit(Request([1], max_tokens=0))
     with pytest.raises(ValueError, match=r"\[0, 384\)"):
         engine.submit(Request([1, 999], max_tokens=2))
+    # Refused here: in a step, a seed or top_k beyond its integer type would fail every request of the batch.
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        engine.submit(Request([1], max_tokens=2, seed=2 ** 64))
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        engine.submit(Request([1], max_tokens=2, top_k=2 ** 31))
     model, params = tiny
     small = Engine(model, params, EngineConfig(max_batch=1, max_len=MAX_LEN, page_size=8, max_queue=2))
     small.submit(Request([1], max_tokens=2))

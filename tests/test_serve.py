@@ -145,6 +145,11 @@ def test_chat_completions_use_the_chat_template(server):
     ({"model": "tiny-byte", "prompt": [1, 100000]}, 400, "token ids must be integers in"),
     ({"model": "tiny-byte", "prompt": "a", "temperature": "hot"}, 400, "'temperature' must be a number"),
     ({"model": "tiny-byte", "prompt": "a", "stream": "yes"}, 400, "'stream' must be a boolean"),
+    ({"model": "tiny-byte", "prompt": "a", "seed": 10 ** 30}, 400, "seed must be an integer in"),
+    ({"model": "tiny-byte", "prompt": "a", "top_k": 10 ** 30}, 400, "top_k must be an integer in [0,"),
+    ({"model": "tiny-byte", "prompt": "a", "logprobs": 5}, 400, "'logprobs' is not supported"),
+    ({"model": "tiny-byte", "prompt": "a", "echo": True}, 400, "'echo' is not supported"),
+    ({"model": "tiny-byte", "prompt": "a", "presence_penalty": 0.5}, 400, "'presence_penalty' is not supported"),
 ])
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
     _, client, _ = server
@@ -154,6 +159,13 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, body, s
         r = client.post("/v1/completions", json=body)
     assert r.status_code == status and message in r.json()["error"]["message"], r.text
     assert client.get("/health").status_code == 200
+
+
+def test_null_and_off_values_of_optional_fields_are_accepted(server):
+    _, client, _ = server
+    r = complete(client, prompt="a", max_tokens=None, ignore_eos=True, logprobs=None, echo=False, best_of=1,
+                 presence_penalty=0, frequency_penalty=0.0, seed=-5)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text  # the default max_tokens
 
 
 def test_disconnect_mid_stream_frees_pages(server):
