@@ -10,8 +10,9 @@ with a 400 unless they hold their off value.
 
 Built on the standard library's threaded HTTP server: one thread per connection, all of
 them feeding one `Engine` thread, which batches whatever is in flight. Nothing waits
-without bound: a full queue or page pool answers 429/503 with `Retry-After`, and every
-request has a timeout. A client that disconnects mid-stream has its request cancelled
+without bound: a full queue or page pool answers 429/503 with `Retry-After`, every
+request has a timeout, and a connection stalled on a read or write is dropped after
+`SOCKET_TIMEOUT_S`. A client that disconnects mid-stream has its request cancelled
 (its pages return to the pool); SIGTERM stops accepting requests, lets the ones in
 flight finish, then exits.
 """
@@ -305,7 +306,11 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("Content-Length must be an integer") from None
         if n < 0 or n > MAX_BODY_BYTES:
             raise BadRequest(f"the body must be at most {MAX_BODY_BYTES} bytes", 413)
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raise BadRequest(f"the body did not arrive within {self.timeout:g} s (Content-Length: {n} bytes)",
+                             408) from None
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -469,7 +474,8 @@ class Handler(BaseHTTPRequestHandler):
                 chunk([], tail, self._finish_reason(seq, tracker), self._usage(seq), first=first)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        # TimeoutError: a write blocked for the socket timeout, the client having stopped reading.
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
             log.info("client went away mid-stream; cancelling request %d", seq.id)
             self.service.engine.cancel(seq)
 
@@ -526,14 +532,25 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = socket.SOMAXCONN
 
 
-def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"service": service})
+# Seconds a connection may stall on one read or write: a request line, headers or body that
+# stop arriving (or a streaming client that stops reading) give up the connection's thread
+# after this (408 for a body), where without a timeout they would hold it for as long as
+# the client keeps the socket open. Also how long an idle keep-alive connection is kept.
+SOCKET_TIMEOUT_S = 30.0
+
+
+def make_server(service: Service, host: str, port: int, *, socket_timeout_s: float = SOCKET_TIMEOUT_S
+                ) -> ThreadingHTTPServer:
+    if not socket_timeout_s > 0:
+        raise ValueError(f"socket_timeout_s={socket_timeout_s} must be > 0")
+    handler = type("BoundHandler", (Handler,), {"service": service, "timeout": socket_timeout_s})
     return _Server((host, port), handler)
 
 
-def serve(service: Service, host: str, port: int, *, ready=print) -> None:
+def serve(service: Service, host: str, port: int, *, ready=print, socket_timeout_s: float = SOCKET_TIMEOUT_S
+          ) -> None:
     """Run until SIGTERM or SIGINT: then refuse new requests, finish the ones in flight, and return."""
-    server = make_server(service, host, port)
+    server = make_server(service, host, port, socket_timeout_s=socket_timeout_s)
     service.engine.start()
     stopping = threading.Event()
 
@@ -580,6 +597,8 @@ def add_parser(sub) -> None:
     s.add_argument("--prefill-lanes", type=int, default=1, help="prompts prefilled side by side in one step")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request ends")
+    s.add_argument("--socket-timeout", type=float, default=SOCKET_TIMEOUT_S,
+                   help="seconds a connection may stall on one read or write before it is dropped (408 for a body)")
     s.add_argument("--nano-batches", default="1", metavar="N|auto",
                    help="split every decode batch of at least N rows into N even nano-batches, "
                         "or 'auto': search the full batch's split at start-up")
@@ -659,5 +678,6 @@ def run(args) -> int:
     service = Service(engine, tokenizer, name, api_key=args.api_key,
                       chat_template=load_chat_template(path, args.chat_template),
                       request_timeout_s=args.request_timeout)
-    serve(service, args.host, args.port, ready=lambda line: print(line, flush=True))
+    serve(service, args.host, args.port, ready=lambda line: print(line, flush=True),
+          socket_timeout_s=args.socket_timeout)
     return 0

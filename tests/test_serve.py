@@ -315,6 +315,35 @@ def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
         server.server_close()
 
 
+def test_a_body_that_stops_arriving_gets_408_and_frees_its_connection():
+    import socket
+
+    from jaxsys.engine import Engine, EngineConfig
+    from jaxsys.serve import Service, make_server
+
+    config = dataclasses.replace(get_preset("tiny"), tokenizer=None)
+    model = ModelDef(config)
+    service = Service(Engine(model, model.init(0), EngineConfig(max_batch=1, max_len=32)), None, "ids-only")
+    server = make_server(service, "127.0.0.1", 0, socket_timeout_s=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":")
+            t0 = time.perf_counter()
+            reply = b""
+            while chunk := conn.recv(4096):  # the server answers, then closes
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in reply, reply[:300]
+        assert time.perf_counter() - t0 < 5
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as idle:
+            assert idle.recv(1) == b""  # a connection that sends nothing is closed after the timeout
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _Decoding:
     """A service stand-in: `text` decodes with a tokenizer and counts the ids it was given."""
 
