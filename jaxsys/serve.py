@@ -144,8 +144,14 @@ class Service:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
             content = m.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            if isinstance(content, list):  # content parts: text only (this server's models read text)
+                for j, part in enumerate(content):
+                    if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                        raise BadRequest(f"messages[{i}].content[{j}] must be a text part "
+                                         f"{{'type': 'text', 'text': ...}}; got {str(kind)[:40]!r}, which this "
+                                         f"server does not take")
+                content = "".join(part["text"] for part in content)
             if not isinstance(content, str):
                 raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
             clean.append({"role": m["role"], "content": content})
