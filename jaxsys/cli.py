@@ -305,6 +305,10 @@ def cmd_generate(args) -> int:
         prompt_ids = loaded.tokenizer.encode(args.prompt, add_bos=True)
     else:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
+    if len(prompt_ids) + args.max_new_tokens > config.max_seq_len:
+        print(f"jaxsys generate: warning: the prompt ({len(prompt_ids)} tokens) + --max-new-tokens "
+              f"({args.max_new_tokens}) go past the model's max_seq_len {config.max_seq_len}, the positions it "
+              "was made for; what it writes there may degrade", file=sys.stderr)
     model = ModelDef(config)
     params = loaded.params if loaded.params is not None else model.init(args.seed, shardings)
     if args.smooth_attention:  # before weight quantization: it folds into the float q/k weights

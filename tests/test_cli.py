@@ -102,6 +102,17 @@ def test_generate_text_prompt_with_byte_tokenizer(trained):
     assert 1 <= len(out["token_ids"]) <= 4 and isinstance(out["text"], str)
 
 
+def test_generate_past_max_seq_len_runs_with_a_warning(trained):
+    ckpt, _, _ = trained
+    from jaxsys.loading import load_model
+    limit = load_model(str(ckpt)).config.max_seq_len
+    proc = jaxsys("generate", "--model", ckpt, "--prompt", "a" * limit, "--max-new-tokens", 2, "--json")
+    assert len(json.loads(proc.stdout)["token_ids"]) >= 1
+    assert f"past the model's max_seq_len {limit}" in proc.stderr
+    short = jaxsys("generate", "--model", ckpt, "--prompt", "a", "--max-new-tokens", 2, "--json")
+    assert "max_seq_len" not in short.stderr
+
+
 def test_text_prompt_without_tokenizer_is_refused(tmp_path):
     from jaxsys.config import get_preset
     from jaxsys.hf import export_hf
