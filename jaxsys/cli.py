@@ -209,6 +209,10 @@ def cmd_train(args) -> int:
     # Training keeps float32 master weights and Adam moments, whatever the source stored.
     config = dataclasses.replace(_with_dtype(config, args.dtype), remat=args.remat or config.remat,
                                  param_dtype="float32")
+    if args.seq_len > config.max_seq_len:
+        print(f"jaxsys train: warning: --seq-len {args.seq_len} is past the model's max_seq_len "
+              f"{config.max_seq_len}; the checkpoint will still say {config.max_seq_len}, which `jaxsys serve` takes "
+              "as its default context", file=sys.stderr)
     mesh, pipeline, pipeline_summary = None, None, None
     if args.pipeline_stages > 1 or args.microbatches is not None:
         mesh, pipeline, pipeline_summary = planning.training_pipeline(topology, config, args)

@@ -66,6 +66,22 @@ class TrainConfig:
             raise ValueError(f"steps, batch_size, seq_len and grad_accum must be positive: {self}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
+        # A negative or non-finite learning rate trains backwards or breaks at step 1: refuse it here.
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate={self.learning_rate} must be a finite number > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1] (final lr / peak lr)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay} must be a finite number >= 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"Adam betas b1={self.b1}, b2={self.b2} must lie in [0, 1)")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 (the global gradient norm is clipped to it)")
+        if self.log_every < 1 or self.ckpt_every < 1 or self.keep_last < 1:
+            raise ValueError(f"log_every={self.log_every}, ckpt_every={self.ckpt_every} and keep_last="
+                             f"{self.keep_last} must be >= 1")
 
 
 class TrainingError(RuntimeError):

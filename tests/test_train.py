@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import signal
 
 import jax
@@ -218,3 +219,18 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(cpu8, tmp_path):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     with pytest.raises(CheckpointError, match="could not be read"):
         load_model(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("learning_rate", -1.0, "learning_rate=-1.0 must be a finite number > 0"),
+    ("learning_rate", float("nan"), "learning_rate=nan"),
+    ("warmup_steps", -3, "warmup_steps=-3 must be >= 0"),
+    ("min_lr_ratio", 1.5, "min_lr_ratio=1.5 must lie in [0, 1]"),
+    ("weight_decay", -0.1, "weight_decay=-0.1"),
+    ("b2", 1.0, "Adam betas"),
+    ("grad_clip", 0.0, "grad_clip=0.0 must be > 0"),
+    ("ckpt_every", 0, "ckpt_every=0"),
+])
+def test_train_config_refuses_settings_that_would_train_wrongly(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**{**TC.__dict__, field: value})
