@@ -447,7 +447,8 @@ def _check_target(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder; pick another export path")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} is not empty; pick a new folder or pass overwrite=True to replace it")
+        raise FileExistsError(f"{folder} is not empty; pick a new folder, or replace it (`jaxsys export "
+                              "--overwrite`, `export_hf(..., overwrite=True)`)")
 
 
 def _tokenizer_files(tokenizer_dir) -> list[Path]:

@@ -146,7 +146,8 @@ class Service:
             content = m.get("content")
             if isinstance(content, list):  # content parts: text only (this server's models read text)
                 for j, part in enumerate(content):
-                    if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    is_text = isinstance(part, dict) and part.get("type") == "text"
+                    if not (is_text and isinstance(part.get("text"), str)):
                         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                         raise BadRequest(f"messages[{i}].content[{j}] must be a text part "
                                          f"{{'type': 'text', 'text': ...}}; got {str(kind)[:40]!r}, which this "
@@ -177,7 +178,8 @@ class Service:
 
         for name, accepted in UNSUPPORTED_FIELDS.items():
             if name in body and not accepted(body[name]):
-                raise BadRequest(f"'{name}' is not supported by this server; leave it out (got {repr(body[name])[:80]})")
+                raise BadRequest(f"'{name}' is not supported by this server; leave it out "
+                                 f"(got {repr(body[name])[:80]})")
         max_tokens = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), 16)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
             raise BadRequest(f"'max_tokens' must be an integer, got {type(max_tokens).__name__}")
