@@ -120,6 +120,8 @@ class EngineConfig:
                              f"{self.max_batch}")
         if self.rebuild_every < 1:
             raise ValueError(f"EngineConfig.rebuild_every={self.rebuild_every} must be >= 1")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"EngineConfig.max_len={self.max_len} must be >= 1 (None: the model's max_seq_len)")
 
 
 @dataclasses.dataclass

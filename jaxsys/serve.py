@@ -67,7 +67,10 @@ class Histogram:
 def load_chat_template(model_path: Path | None, template_file: str | None) -> str | None:
     """A Jinja chat template: `--chat-template FILE`, else the model folder's tokenizer_config.json."""
     if template_file is not None:
-        return Path(template_file).read_text()
+        try:
+            return Path(template_file).read_text()
+        except OSError as e:
+            raise ValueError(f"--chat-template {template_file}: cannot read it ({e.strerror or e})") from None
     config = model_path / "tokenizer_config.json" if model_path is not None else None
     if config is not None and config.is_file():
         template = json.loads(config.read_text()).get("chat_template")
@@ -551,8 +554,13 @@ def make_server(service: Service, host: str, port: int, *, socket_timeout_s: flo
                 ) -> ThreadingHTTPServer:
     if not socket_timeout_s > 0:
         raise ValueError(f"socket_timeout_s={socket_timeout_s} must be > 0")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} must be in 0..65535 (0: any free port)")
     handler = type("BoundHandler", (Handler,), {"service": service, "timeout": socket_timeout_s})
-    return _Server((host, port), handler)
+    try:
+        return _Server((host, port), handler)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def serve(service: Service, host: str, port: int, *, ready=print, socket_timeout_s: float = SOCKET_TIMEOUT_S

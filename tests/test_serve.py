@@ -350,6 +350,27 @@ def test_a_body_that_stops_arriving_gets_408_and_frees_its_connection():
         server.server_close()
 
 
+def test_bad_server_settings_are_clear_errors(tmp_path):
+    from jaxsys.engine import Engine, EngineConfig
+    from jaxsys.serve import Service, load_chat_template, make_server
+
+    config = dataclasses.replace(get_preset("tiny"), tokenizer=None)
+    model = ModelDef(config)
+    with pytest.raises(ValueError, match="max_len=0 must be >= 1"):
+        EngineConfig(max_len=0)
+    service = Service(Engine(model, model.init(0), EngineConfig(max_batch=1, max_len=32)), None, "ids-only")
+    with pytest.raises(ValueError, match="port 70000 must be in 0..65535"):
+        make_server(service, "127.0.0.1", 70000)
+    taken = make_server(service, "127.0.0.1", 0)
+    try:
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{taken.server_address[1]}"):
+            make_server(service, "127.0.0.1", taken.server_address[1])
+    finally:
+        taken.server_close()
+    with pytest.raises(ValueError, match="--chat-template .*missing.jinja: cannot read it"):
+        load_chat_template(None, str(tmp_path / "missing.jinja"))
+
+
 class _Decoding:
     """A service stand-in: `text` decodes with a tokenizer and counts the ids it was given."""
 
