@@ -300,14 +300,19 @@ def test_sigterm_lets_in_flight_requests_finish(server):
     assert proc.wait(60) == 0
 
 
-def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
+def ids_only_service():
+    """A service (not started) over a random tiny model without a tokenizer, named "ids-only"."""
     from jaxsys.engine import Engine, EngineConfig
-    from jaxsys.serve import Service, make_server
+    from jaxsys.serve import Service
 
-    config = dataclasses.replace(get_preset("tiny"), tokenizer=None)
-    model = ModelDef(config)
-    service = Service(Engine(model, model.init(0), EngineConfig(max_batch=1, max_len=32)), None, "ids-only")
-    server = make_server(service, "127.0.0.1", 0)
+    model = ModelDef(dataclasses.replace(get_preset("tiny"), tokenizer=None))
+    return Service(Engine(model, model.init(0), EngineConfig(max_batch=1, max_len=32)), None, "ids-only")
+
+
+def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
+    from jaxsys.serve import make_server
+
+    server = make_server(ids_only_service(), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -324,13 +329,9 @@ def test_a_model_without_tokenizer_takes_token_ids_only(tmp_path):
 def test_a_body_that_stops_arriving_gets_408_and_frees_its_connection():
     import socket
 
-    from jaxsys.engine import Engine, EngineConfig
-    from jaxsys.serve import Service, make_server
+    from jaxsys.serve import make_server
 
-    config = dataclasses.replace(get_preset("tiny"), tokenizer=None)
-    model = ModelDef(config)
-    service = Service(Engine(model, model.init(0), EngineConfig(max_batch=1, max_len=32)), None, "ids-only")
-    server = make_server(service, "127.0.0.1", 0, socket_timeout_s=0.5)
+    server = make_server(ids_only_service(), "127.0.0.1", 0, socket_timeout_s=0.5)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
@@ -351,14 +352,12 @@ def test_a_body_that_stops_arriving_gets_408_and_frees_its_connection():
 
 
 def test_bad_server_settings_are_clear_errors(tmp_path):
-    from jaxsys.engine import Engine, EngineConfig
-    from jaxsys.serve import Service, load_chat_template, make_server
+    from jaxsys.engine import EngineConfig
+    from jaxsys.serve import load_chat_template, make_server
 
-    config = dataclasses.replace(get_preset("tiny"), tokenizer=None)
-    model = ModelDef(config)
     with pytest.raises(ValueError, match="max_len=0 must be >= 1"):
         EngineConfig(max_len=0)
-    service = Service(Engine(model, model.init(0), EngineConfig(max_batch=1, max_len=32)), None, "ids-only")
+    service = ids_only_service()
     with pytest.raises(ValueError, match="port 70000 must be in 0..65535"):
         make_server(service, "127.0.0.1", 70000)
     taken = make_server(service, "127.0.0.1", 0)
