@@ -240,6 +240,8 @@ def launch(nproc: int, argv: Sequence[str], *, devices_per_process: int | None =
         raise ValueError(f"--nproc must be positive, got {nproc}")
     if devices_per_process is not None and devices_per_process < 1:
         raise ValueError(f"--devices-per-process must be positive, got {devices_per_process}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout}")
     program = list(program) if program is not None else [sys.executable, "-m", "jaxsys.cli"]
     port = free_port()
     lock = threading.Lock()
@@ -331,7 +333,9 @@ def devices_per_process(nproc: int, argv: Sequence[str], requested: int | None =
     topology = meshes.load_topology(_mesh_arg(argv))
     needed = topology.num_devices
     if requested is None:
-        if nproc < 1 or needed % nproc:
+        if nproc < 1:
+            raise ValueError(f"--nproc must be positive, got {nproc}")
+        if needed % nproc:
             raise ValueError(f"mesh {topology.name} has {needed} devices, which {nproc} processes cannot "
                              f"share evenly; pick an --nproc that divides {needed}")
         return needed // nproc

@@ -217,6 +217,10 @@ def _parse(argv):
 def test_the_command_after_double_dash_is_what_runs(monkeypatch):
     with pytest.raises(ValueError, match="--nproc must be positive"):
         launch.launch(0, ["train"])
+    with pytest.raises(ValueError, match="--nproc must be positive"):  # before the mesh's device count
+        launch.devices_per_process(0, ["train", "--mesh", "cpu8"])
+    with pytest.raises(ValueError, match="--timeout must be a positive number of seconds"):
+        launch.launch(2, ["train"], timeout=-1)  # it started the ranks, then stopped them at once
     calls = []
     monkeypatch.setattr(launch, "launch", lambda nproc, argv, **kw: calls.append((nproc, argv, kw)) or 0)
     args = _parse(["launch", "--nproc", "2", "--", "train", "--model", "tiny", "--mesh", "cpu8", "--json"])
