@@ -80,21 +80,13 @@ def load_chat_template(model_path: Path | None, template_file: str | None) -> st
     return None
 
 
-# OpenAI request fields this server does not implement, each with what it accepts (the field's
-# "off" values): anything else is refused with a 400, not silently ignored.
+# OpenAI request fields this server does not implement, each with its "off" values (compared
+# with their type, so True is not 1): any other value is refused with a 400, not ignored.
 UNSUPPORTED_FIELDS = {
-    "logprobs": lambda v: v is None or v is False,
-    "top_logprobs": lambda v: v is None or (v == 0 and not isinstance(v, bool)),
-    "echo": lambda v: v is None or v is False,
-    "best_of": lambda v: v is None or (v == 1 and not isinstance(v, bool)),
-    "suffix": lambda v: v is None or v == "",
-    "logit_bias": lambda v: v is None or v == {},
-    "presence_penalty": lambda v: v is None or (v == 0 and not isinstance(v, bool)),
-    "frequency_penalty": lambda v: v is None or (v == 0 and not isinstance(v, bool)),
-    "repetition_penalty": lambda v: v is None or (v == 1 and not isinstance(v, bool)),
-    "tools": lambda v: v is None or v == [],
-    "functions": lambda v: v is None or v == [],
-    "response_format": lambda v: v is None or v == {"type": "text"},
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "tools": (None, []),
+    "functions": (None, []), "response_format": (None, {"type": "text"}),
 }
 
 
@@ -179,8 +171,8 @@ class Service:
                 raise BadRequest(f"'{name}'={value} is out of range [{low}, {high}]")
             return value
 
-        for name, accepted in UNSUPPORTED_FIELDS.items():
-            if name in body and not accepted(body[name]):
+        for name, off in UNSUPPORTED_FIELDS.items():
+            if name in body and not any(type(body[name]) is type(o) and body[name] == o for o in off):
                 raise BadRequest(f"'{name}' is not supported by this server; leave it out "
                                  f"(got {repr(body[name])[:80]})")
         max_tokens = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), 16)

@@ -128,13 +128,13 @@ def test_chat_completions_use_the_chat_template(server):
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         chunks, done = events(r)
     assert done and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == reply["choices"][0]["token_ids"]
     parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
     by_parts = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": parts}]})
     assert by_parts.json()["choices"][0]["token_ids"] == reply["choices"][0]["token_ids"]
     image = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
     refused = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": image}]})
     assert refused.status_code == 400 and "content[0] must be a text part" in refused.json()["error"]["message"]
-    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == reply["choices"][0]["token_ids"]
 
 
 @pytest.mark.parametrize("body, status, message", [
