@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsys.kvcache import cpu_kernel
 from jaxsys.kvcache.paged import decode_partial, causal_attention, token_pages, write_tokens
 from jaxsys.model import MATVEC_QUERIES, ModelDef
 from jaxsys.sampling import SamplingParams, sample
@@ -63,6 +64,8 @@ class StepCache:
         if q.shape[1] == 1 and jax.default_backend() == "gpu":  # the paged decode kernel
             old_out, old_lse = decode_partial(q[:, 0], self.k, self.v, table, start, fmt="float", impl=self.impl)
             old_out, old_lse = old_out[:, None], old_lse[:, None]  # [b, 1, H, hd], [b, 1, H]
+        elif self.impl != "reference" and cpu_kernel.usable(q, self.k[0], MATVEC_QUERIES):
+            old_out, old_lse = cpu_kernel.paged_attention(q, self.k[0], self.v[0], table, start)
         else:
             old_out, old_lse = scan_attention(q, self.k[0], self.v[0], table, start)
         new_out, new_lse = causal_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions)

@@ -389,21 +389,21 @@ def test_retrieval_view_equals_float64_attention_over_the_selected_pages():
                                            atol=1e-5)
 
 
-# 2 queries x 2 groups per KV head: one matrix-vector product each (decode rows on CPU); 9 x 2: one batched dot.
-@pytest.mark.parametrize("pages_per_step,queries", [(1, 2), (3, 2), (8, 2), (3, 9)])
-def test_scan_attention_equals_float64_attention_over_the_pages(pages_per_step, queries):
-    from jaxsys.model import MATVEC_QUERIES
-    from jaxsys.nanobatch import scan_attention
-    assert (queries * 2 <= MATVEC_QUERIES) == (queries == 2)
-    rng = np.random.default_rng(pages_per_step + queries)
-    kv_heads, heads, hd, page_size, num_pages, width = 2, 4, 8, 4, 12, 5
+def random_pages(seed, *, kv_heads=2, heads=4, hd=8, page_size=4, num_pages=12, width=5, queries=2):
+    """Fresh random pools [kvH, pages, page, hd], page tables, queries, and starts: none, part of a page,
+    several pages, the whole table."""
+    rng = np.random.default_rng(seed)
     k_pool, v_pool = (rng.normal(size=(kv_heads, num_pages, page_size, hd)).astype(np.float32) for _ in range(2))
     table = np.stack([rng.permutation(num_pages)[:width] for _ in range(4)]).astype(np.int32)
-    start = np.array([0, 3, 13, 20], np.int32)  # none, part of a page, several pages, the whole table
+    start = np.array([0, 3, 13, width * page_size], np.int32)
     q = rng.normal(size=(4, queries, heads, hd)).astype(np.float32)
-    out, lse = scan_attention(jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(table),
-                              jnp.asarray(start), pages_per_step=pages_per_step)
-    for row in range(4):
+    return q, k_pool, v_pool, table, start
+
+
+def assert_float64_attention_over_the_pages(out, lse, q, k_pool, v_pool, table, start):
+    """(out, lse) are each row's queries over its keys at positions < start, read through its page table."""
+    kv_heads, heads, hd = k_pool.shape[0], q.shape[2], q.shape[3]
+    for row in range(q.shape[0]):
         n = start[row]
         keys = k_pool[:, table[row]].reshape(kv_heads, -1, hd)[:, :n].astype(np.float64)
         values = v_pool[:, table[row]].reshape(kv_heads, -1, hd)[:, :n].astype(np.float64)
@@ -418,3 +418,55 @@ def test_scan_attention_equals_float64_attention_over_the_pages(pages_per_step, 
                                        keepdims=True), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(np.asarray(lse[row, :, h]), (m + np.log(w.sum(-1, keepdims=True)))[:, 0],
                                        rtol=1e-5, atol=1e-5)
+
+
+# 2 queries x 2 groups per KV head: one matrix-vector product each (decode rows on CPU); 9 x 2: one batched dot.
+@pytest.mark.parametrize("pages_per_step,queries", [(1, 2), (3, 2), (8, 2), (3, 9)])
+def test_scan_attention_equals_float64_attention_over_the_pages(pages_per_step, queries):
+    from jaxsys.model import MATVEC_QUERIES
+    from jaxsys.nanobatch import scan_attention
+    assert (queries * 2 <= MATVEC_QUERIES) == (queries == 2)
+    q, k_pool, v_pool, table, start = random_pages(pages_per_step + queries, queries=queries)
+    out, lse = scan_attention(*map(jnp.asarray, (q, k_pool, v_pool, table, start)), pages_per_step=pages_per_step)
+    assert_float64_attention_over_the_pages(out, lse, q, k_pool, v_pool, table, start)
+
+
+# head_dim 64 and 128 take the kernel's fixed-size loops, 8 its general one; 5 x 3 queries per KV head is a
+# speculative round's verify.
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a kernel for XLA:CPU")
+@pytest.mark.parametrize("hd,heads,queries", [(64, 6, 1), (128, 4, 1), (8, 6, 5)])
+def test_cpu_kernel_equals_float64_attention_over_the_pages(hd, heads, queries):
+    from jaxsys.kvcache import cpu_kernel
+    assert cpu_kernel.available(), "the CPU kernel did not build: see the warning logged by cpu_kernel.available()"
+    q, k_pool, v_pool, table, start = random_pages(hd + queries, heads=heads, hd=hd, page_size=16, num_pages=30,
+                                                   width=7, queries=queries)
+    out, lse = jax.jit(cpu_kernel.paged_attention)(*map(jnp.asarray, (q, k_pool, v_pool, table, start)))
+    assert_float64_attention_over_the_pages(out, lse, q, k_pool, v_pool, table, start)
+    # A start past the table reads the whole table, and page ids out of range are clamped, never read past the pool.
+    wild = np.where(np.arange(table.shape[1]) % 2, table, 10**6).astype(np.int32)
+    out, lse = cpu_kernel.paged_attention(*map(jnp.asarray, (q, k_pool, v_pool, wild, start + 1000)))
+    clamped = np.minimum(wild, k_pool.shape[1] - 1)
+    assert_float64_attention_over_the_pages(out, lse, q, k_pool, v_pool, clamped,
+                                            np.full_like(start, table.shape[1] * 16))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a kernel for XLA:CPU")
+def test_decode_steps_use_the_cpu_kernel_unless_the_reference_is_asked_for(tiny):
+    model, params = tiny
+    texts = {}
+    for impl in ("auto", "reference"):
+        engine = Engine(model, params, EngineConfig(max_batch=2, max_len=MAX_LEN, attention_impl=impl))
+        lowered = engine._program(2, True, False).lower(params, engine.pools, engine._lane(2, 1, []),
+                                                        engine._lane(1, engine.config.prefill_chunk, []))
+        texts[impl] = lowered.as_text()
+    from jaxsys.kvcache.cpu_kernel import TARGET
+    # Decode rows (1 query x 2 groups per KV head) take the kernel; the prefill lane (32 x 2) XLA's dots.
+    assert texts["auto"].count(TARGET) == TINY.n_layers and TARGET not in texts["reference"]
+
+
+def test_cpu_kernel_build_failure_is_a_clear_error(tmp_path, monkeypatch):
+    from jaxsys.kvcache import cpu_kernel
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="no C[+][+] compiler"):
+        cpu_kernel.build(tmp_path)
