@@ -86,7 +86,8 @@ def scan_attention(q, k_pool, v_pool, table, start, pages_per_step: int = 8):
     product per query and group (`jaxsys.model.MATVEC_QUERIES`): 16 rows at 150-300 tokens,
     0.6-0.7 ms per layer against 1.0-1.1 for a batched dot of 3 rows (and the batch-major
     layout) before. Pools [kv_heads, num_pages, page_size, hd]. Returns (out [b, T, H, hd],
-    lse [b, T, H]) f32.
+    lse [b, T, H]) f32. On CPU, `StepCache` hands decode rows to `jaxsys.kvcache.cpu_kernel`
+    instead, which reads the pages in place; this is its reference and the prefill lanes' path.
     """
     b, t, h, hd = q.shape
     kv_heads, _, page_size, _ = k_pool.shape

@@ -193,7 +193,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
                             start.typed_data(), out->typed_data(), lse->typed_data(),
                             b, qd[1], h, hd, kv_heads, kd[1], kd[2], td[1]};
   shared->items = b * kv_heads;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items - 1);
+  // The calling thread works too, so one helper fewer than the pool's threads; a call of a few items (one
+  // decode row: tens of microseconds) is cheaper done inline than handed over.
+  const int64_t helpers = shared->items < 4 ? 0 : std::min<int64_t>(pool.num_threads() - 1, shared->items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Work(); });
   shared->Work();
   std::unique_lock<std::mutex> lock(shared->mutex);
