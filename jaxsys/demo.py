@@ -145,7 +145,18 @@ def serving_line(loaded, prompts, plain_ids, eos_id) -> str:
     return (f"{len(seqs)} concurrent requests through the batching engine, self-speculative over a 32-token "
             f"retrieval view of their pages: equal to one-by-one greedy {same}, acceptance {spec['acceptance']:.2f}, "
             f"{sum(len(s.generated) for s in seqs)} tokens in {seconds:.1f} s (compiles included), "
-            f"KV pages in use afterwards {state['pages_in_use']}/{state['pages_total']}")
+            f"KV pages in use afterwards {state['pages_in_use']}/{state['pages_total']}; attention over pages: "
+            f"{attention_path()}")
+
+
+def attention_path() -> str:
+    """What computes the decode rows' attention over KV pages on this backend."""
+    import jax
+
+    from jaxsys.kvcache import cpu_kernel
+    if jax.default_backend() == "gpu":
+        return "Pallas paged-decode kernel"
+    return "C++ XLA:CPU kernel" if jax.default_backend() == "cpu" and cpu_kernel.available() else "jnp"
 
 
 def traffic_line(config, mesh) -> str:
