@@ -470,3 +470,14 @@ def test_cpu_kernel_build_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="no C[+][+] compiler"):
         cpu_kernel.build(tmp_path)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a kernel for XLA:CPU")
+def test_cpu_kernel_builds_in_the_temporary_directory_when_its_cache_cannot_be_made(tmp_path, monkeypatch):
+    from jaxsys.kvcache import cpu_kernel
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(cpu_kernel.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = cpu_kernel.build(blocker / "cache")  # cannot be a directory: a file is in the way
+    assert path.is_file() and path.parent.parent == tmp_path / "tmp"

@@ -60,10 +60,17 @@ def build(cache_dir: Path | None = None) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), jaxlib.__version__,
                                     _cpu_fingerprint()]).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir or os.environ.get("JAXSYS_CACHE_DIR") or Path.home() / ".cache" / "jaxsys")
-    path = cache_dir / "kernels" / f"paged_attention_cpu-{key}.so"
+    name = f"paged_attention_cpu-{key}.so"
+    path = cache_dir / "kernels" / name
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only or missing home: the machine's temporary directory instead
+        path = Path(tempfile.gettempdir()) / f"jaxsys-kernels-{os.getuid()}" / name
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
     # Compiled beside its final name and renamed into place: concurrent builders never see half a library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
