@@ -481,3 +481,15 @@ def test_cpu_kernel_builds_in_the_temporary_directory_when_its_cache_cannot_be_m
     (tmp_path / "tmp").mkdir()
     path = cpu_kernel.build(blocker / "cache")  # cannot be a directory: a file is in the way
     assert path.is_file() and path.parent.parent == tmp_path / "tmp"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a kernel for XLA:CPU")
+def test_cpu_kernel_refuses_pools_it_cannot_read():
+    from jaxsys.kvcache import cpu_kernel
+    q = jnp.ones((1, 1, 4, 8))
+    table, start = jnp.zeros((1, 2), jnp.int32), jnp.full((1,), 5, jnp.int32)
+    for shape, message in [((2, 3, 0, 8), "pages of no tokens"), ((2, 3, 4, 16), "head_dim"),
+                           ((3, 3, 4, 8), "head groups")]:
+        pool = jnp.ones(shape)
+        with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+            jax.block_until_ready(cpu_kernel.paged_attention(q, pool, pool, table, start))

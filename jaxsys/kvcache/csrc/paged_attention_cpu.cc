@@ -186,8 +186,10 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   for (int i = 0; i < 4; ++i)
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("paged attention: key and value pools differ in shape");
   const int64_t b = qd[0], h = qd[2], hd = qd[3], kv_heads = kd[0];
-  if (kd[3] != hd || kv_heads < 1 || h % kv_heads != 0 || td[0] != b || sd[0] != b || kd[1] < 1)
+  if (kd[3] != hd || kv_heads < 1 || h % kv_heads != 0 || td[0] != b || sd[0] != b)
     return ffi::Error::InvalidArgument("paged attention: head_dim, head groups or batch do not match");
+  if (kd[1] < 1 || kd[2] < 1)
+    return ffi::Error::InvalidArgument("paged attention: the pools hold no pages, or pages of no tokens");
   auto shared = std::make_shared<Shared>();
   shared->problem = Problem{q.typed_data(), k.typed_data(), v.typed_data(), table.typed_data(),
                             start.typed_data(), out->typed_data(), lse->typed_data(),
