@@ -115,6 +115,9 @@ def paged_attention(q, k_pool, v_pool, table, start):
     """q [b, T, H, hd] over each row's keys at positions < start [b], pages `table` [b, W] of pools
     [kv_heads, num_pages, page_size, hd] -> (out [b, T, H, hd], lse [b, T, H]), float32; a row without keys
     gets (0, -inf). The same contract as `jaxsys.nanobatch.scan_attention`."""
+    if not available():
+        raise RuntimeError("the CPU paged-attention kernel is unavailable (see the warning logged when it was "
+                           "built); use jaxsys.nanobatch.scan_attention")
     b, t, h, hd = q.shape
     result = (jax.ShapeDtypeStruct((b, t, h, hd), jnp.float32), jax.ShapeDtypeStruct((b, t, h), jnp.float32))
     return jax.ffi.ffi_call(TARGET, result)(q, k_pool, v_pool, table.astype(jnp.int32), start.astype(jnp.int32))
