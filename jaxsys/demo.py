@@ -145,18 +145,18 @@ def serving_line(loaded, prompts, plain_ids, eos_id) -> str:
     return (f"{len(seqs)} concurrent requests through the batching engine, self-speculative over a 32-token "
             f"retrieval view of their pages: equal to one-by-one greedy {same}, acceptance {spec['acceptance']:.2f}, "
             f"{sum(len(s.generated) for s in seqs)} tokens in {seconds:.1f} s (compiles included), "
-            f"KV pages in use afterwards {state['pages_in_use']}/{state['pages_total']}; attention over pages: "
-            f"{attention_path()}")
+            f"KV pages in use afterwards {state['pages_in_use']}/{state['pages_total']}; its verify attends over "
+            f"the pages with {verify_attention(engine)}")
 
 
-def attention_path() -> str:
-    """What computes the decode rows' attention over KV pages on this backend."""
-    import jax
-
-    from jaxsys.kvcache import cpu_kernel
-    if jax.default_backend() == "gpu":
-        return "Pallas paged-decode kernel"
-    return "C++ XLA:CPU kernel" if jax.default_backend() == "cpu" and cpu_kernel.available() else "jnp"
+def verify_attention(engine) -> str:
+    """What computes a self-speculative verify's attention over the pages (gamma + 2 tokens per row)."""
+    from jaxsys.nanobatch import page_attention_path
+    c = engine.model.config
+    path = page_attention_path(engine.config.gamma + 2, c.n_heads // c.n_kv_heads, c.dtype,
+                               engine.pools[0][0][0].dtype, engine.config.attention_impl)
+    return {"pallas": "the Pallas paged-decode kernel", "cpu_kernel": "the C++ XLA:CPU kernel",
+            "jnp": "jnp (scan_attention)"}[path]
 
 
 def traffic_line(config, mesh) -> str:

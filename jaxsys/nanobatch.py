@@ -61,16 +61,27 @@ class StepCache:
         num_pages = self.k[0].shape[1]
         table = jnp.minimum(self.page_table, num_pages - 1)
         start = jnp.maximum(positions[:, 0], 0)  # tokens before the step live in pages
-        if q.shape[1] == 1 and jax.default_backend() == "gpu":  # the paged decode kernel
+        path = page_attention_path(q.shape[1], q.shape[2] // self.k[0].shape[0], q.dtype, self.k[0].dtype, self.impl)
+        if path == "pallas":
             old_out, old_lse = decode_partial(q[:, 0], self.k, self.v, table, start, fmt="float", impl=self.impl)
             old_out, old_lse = old_out[:, None], old_lse[:, None]  # [b, 1, H, hd], [b, 1, H]
-        elif self.impl != "reference" and cpu_kernel.usable(q, self.k[0], MATVEC_QUERIES):
+        elif path == "cpu_kernel":
             old_out, old_lse = cpu_kernel.paged_attention(q, self.k[0], self.v[0], table, start)
         else:
             old_out, old_lse = scan_attention(q, self.k[0], self.v[0], table, start)
         new_out, new_lse = causal_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions)
         out, _ = merge_partials([old_out, new_out], [old_lse, new_lse])
         return out, dataclasses.replace(self, new_k=k, new_v=v, query=q)
+
+
+def page_attention_path(tokens: int, groups: int, q_dtype, pool_dtype, impl: str = "auto") -> str:
+    """What `StepCache.attend` computes rows of `tokens` queries over their pages with: "pallas" (the paged
+    decode kernel: GPU, one token), "cpu_kernel" (`jaxsys.kvcache.cpu_kernel`) or "jnp" (`scan_attention`)."""
+    if tokens == 1 and jax.default_backend() == "gpu":
+        return "pallas"
+    if impl != "reference" and cpu_kernel.usable(tokens * groups, q_dtype, pool_dtype):
+        return "cpu_kernel"
+    return "jnp"
 
 
 def scan_attention(q, k_pool, v_pool, table, start, pages_per_step: int = 8):
@@ -86,8 +97,9 @@ def scan_attention(q, k_pool, v_pool, table, start, pages_per_step: int = 8):
     product per query and group (`jaxsys.model.MATVEC_QUERIES`): 16 rows at 150-300 tokens,
     0.6-0.7 ms per layer against 1.0-1.1 for a batched dot of 3 rows (and the batch-major
     layout) before. Pools [kv_heads, num_pages, page_size, hd]. Returns (out [b, T, H, hd],
-    lse [b, T, H]) f32. On CPU, `StepCache` hands decode rows to `jaxsys.kvcache.cpu_kernel`
-    instead, which reads the pages in place; this is its reference and the prefill lanes' path.
+    lse [b, T, H]) f32. On CPU, `StepCache` hands rows of few queries (decode, verifies) to
+    `jaxsys.kvcache.cpu_kernel` instead, which reads the pages in place; this is its reference
+    and the prefill lanes' path.
     """
     b, t, h, hd = q.shape
     kv_heads, _, page_size, _ = k_pool.shape

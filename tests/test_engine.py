@@ -431,10 +431,10 @@ def test_scan_attention_equals_float64_attention_over_the_pages(pages_per_step, 
     assert_float64_attention_over_the_pages(out, lse, q, k_pool, v_pool, table, start)
 
 
-# head_dim 64 and 128 take the kernel's fixed-size loops, 8 its general one; 5 x 3 queries per KV head is a
-# speculative round's verify.
+# head_dim 64 and 128 take the kernel's fixed-size loops, 8 its general one; 6 x 3 queries per KV head is a
+# speculative verify of 4 drafts.
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a kernel for XLA:CPU")
-@pytest.mark.parametrize("hd,heads,queries", [(64, 6, 1), (128, 4, 1), (8, 6, 5)])
+@pytest.mark.parametrize("hd,heads,queries", [(64, 6, 1), (128, 4, 1), (8, 6, 6)])
 def test_cpu_kernel_equals_float64_attention_over_the_pages(hd, heads, queries):
     from jaxsys.kvcache import cpu_kernel
     assert cpu_kernel.available(), "the CPU kernel did not build: see the warning logged by cpu_kernel.available()"
@@ -460,8 +460,13 @@ def test_decode_steps_use_the_cpu_kernel_unless_the_reference_is_asked_for(tiny)
                                                         engine._lane(1, engine.config.prefill_chunk, []))
         texts[impl] = lowered.as_text()
     from jaxsys.kvcache.cpu_kernel import TARGET
+    from jaxsys.nanobatch import page_attention_path
     # Decode rows (1 query x 2 groups per KV head) take the kernel; the prefill lane (32 x 2) XLA's dots.
     assert texts["auto"].count(TARGET) == TINY.n_layers and TARGET not in texts["reference"]
+    groups = TINY.n_heads // TINY.n_kv_heads
+    assert page_attention_path(1, groups, jnp.float32, jnp.float32) == "cpu_kernel"
+    assert page_attention_path(engine.config.prefill_chunk, groups, jnp.float32, jnp.float32) == "jnp"
+    assert page_attention_path(1, groups, jnp.float32, jnp.float32, impl="reference") == "jnp"
 
 
 def test_cpu_kernel_build_failure_is_a_clear_error(tmp_path, monkeypatch):

@@ -13,12 +13,11 @@
 // Outputs: out [b, T, H, hd] f32, lse [b, T, H] f32 (natural log; a row without keys
 //          gets out 0 and lse -inf, so it merges with other parts).
 //
-// Work items are (row, KV head) pairs, shared through an atomic counter by the calling
+// Work items are (row, KV head) pairs, claimed under one mutex by the calling
 // thread and tasks on XLA's intra-op thread pool; the caller waits only for items a
 // task has claimed, so a task that never gets a thread cannot block the call.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -77,7 +76,7 @@ void Attend(const Problem& p, int64_t row, int64_t kv_head) {
   const int64_t ps = p.page_size;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   std::vector<float> q(n * hd), acc(n * hd, 0.0f), top(n, -std::numeric_limits<float>::infinity()),
-      total(n, 0.0f), rescale(n), weights(n * ps);
+      total(n, 0.0f), weights(n * ps);
   for (int64_t i = 0; i < p.t; ++i) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* src = p.q + ((row * p.t + i) * p.h + kv_head * groups + g) * hd;
@@ -107,18 +106,18 @@ void Attend(const Problem& p, int64_t row, int64_t kv_head) {
       float page_top = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < count; ++j) page_top = std::max(page_top, wi[j]);
       const float new_top = std::max(top[i], page_top);
-      rescale[i] = std::exp(top[i] - new_top);  // 0 while top is -inf
+      const float rescale = std::exp(top[i] - new_top);  // 0 while top is -inf
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < count; ++j) {
         wi[j] = ExpNonPositive(wi[j] - new_top);
         sum += wi[j];
       }
-      total[i] = total[i] * rescale[i] + sum;
+      total[i] = total[i] * rescale + sum;
       top[i] = new_top;
       float* ai = acc.data() + i * hd;
 #pragma omp simd
-      for (int64_t d = 0; d < hd; ++d) ai[d] *= rescale[i];
+      for (int64_t d = 0; d < hd; ++d) ai[d] *= rescale;
     }
     for (int64_t j = 0; j < count; ++j) {
       const float* vj = values + j * hd;
@@ -154,7 +153,7 @@ void AttendItem(const Problem& p, int64_t row, int64_t kv_head) {
 struct Shared {
   Problem problem;
   int64_t items;
-  std::atomic<int64_t> next{0};
+  int64_t next = 0;  // the next unclaimed item
   std::mutex mutex;
   std::condition_variable idle;
   int64_t claimed_unfinished = 0;  // items a worker took and has not finished
@@ -164,7 +163,7 @@ struct Shared {
       int64_t item;
       {
         std::lock_guard<std::mutex> lock(mutex);
-        item = next.fetch_add(1);
+        item = next++;
         if (item >= items) return;
         ++claimed_unfinished;
       }
