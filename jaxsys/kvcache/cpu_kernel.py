@@ -100,11 +100,12 @@ def available() -> bool:
     return True
 
 
-# Queries per (row, KV head) up to which the kernel serves a call. 16 rows at 140-260 tokens of context, against
-# `scan_attention`: 0.24-0.35 vs 0.92-1.24 ms at 3 queries (a decode row), 0.87-0.94 vs 1.84-2.74 at 18 (a verify
-# of 4 drafts), 2.5-4.1 vs 3.2-6.3 at 48; a 64-token prefill chunk (192) took 1.2-1.6 against 0.9 ms: XLA's
-# batched dots reuse each key across many queries better than the kernel's per-query loop.
-MAX_QUERIES = 48
+# Queries per (row, KV head) up to which the kernel serves a call. `python -m experiments.paged_attention_cpu`
+# (16 rows at 140-260 tokens of context, three runs): against `scan_attention` it was 3.3-4.7x faster at 3 queries
+# (a decode row) and 1.4-2.4x at 18 (a verify of 4 drafts), but 0.95-1.23x at 30 and 0.95-0.99x at 48; at 192
+# (2 rows of a 64-token prefill chunk) 0.73-0.90x: XLA's batched dots reuse each key across many queries better
+# than the kernel's per-query loop.
+MAX_QUERIES = 24
 
 
 def usable(queries: int, *dtypes) -> bool:
